@@ -1,0 +1,174 @@
+"""Step accounting shared by every stateful average (pure core: no NumPy, no torch).
+
+A :class:`Timeline` turns "``k`` more optimizer steps happened" into "update now with these
+decays" for one or several averages. It implements, once, the rules that make a horizon mean
+what it says (DESIGN.md rule 2):
+
+* ``update_every=k``: the averages change every ``k`` optimizer steps and each change applies the
+  schedule over the whole gap (``decay**k`` for a constant decay, ``(1 - k/t)**(gamma+1)`` for a
+  power schedule), so the horizon in optimizer steps does not depend on ``k``
+  (Morales-Brotons et al. 2024, App. F; Karras et al. 2024, EDM2 Eq. 2).
+* ``start_step=s``: an update at optimizer step ``t <= s`` copies the live weights; afterwards
+  the schedule sees ``t - s`` steps, so a uniform or power average starting at ``s`` weighs only
+  weights seen after ``s``.
+
+Planning and committing are separate so that a caller can run its kernels between the two and
+leave every counter untouched when a kernel raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from warnings import warn
+
+from polyak.schedules import Schedule, as_schedule
+
+__all__ = ["Plan", "Timeline", "parse_decays"]
+
+
+def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
+    """Names and schedules from ``decay``: a float, a schedule, or a sequence / dict of them.
+
+    A dict gives the names; otherwise each average is named after its schedule (``"0.999"``,
+    ``"power(sigma_rel=0.05)"``, ...). Two averages with the same name are an error.
+    """
+    if isinstance(decay, Mapping):
+        if not decay:
+            raise ValueError("decay: the dict of averages is empty")
+        names = tuple(decay)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise TypeError(f"decay: average names must be non-empty strings, got {bad!r}")
+        return names, tuple(as_schedule(decay[n]) for n in names)
+    if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)):
+        if not decay:
+            raise ValueError("decay: the sequence of averages is empty")
+        schedules = tuple(as_schedule(d) for d in decay)
+        names = tuple(s.name for s in schedules)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"decay: several averages would be named {dupes}; pass a dict to name them"
+            )
+        return names, schedules
+    schedule = as_schedule(decay)
+    return (schedule.name,), (schedule,)
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :meth:`Timeline.plan` decided: the new step, and ``decays`` to apply (one per
+    average), empty when no update is due at this step."""
+
+    step: int
+    decays: tuple[float, ...]
+
+
+class Timeline:
+    """Step counter, update cadence and schedules of one or several averages.
+
+    Args:
+        decay: a float, a schedule, or a sequence / dict of them (one per average).
+        update_every: change the averages every this many optimizer steps.
+        start_step: updates at optimizer steps ``<= start_step`` copy the live weights.
+    """
+
+    def __init__(self, decay: Any, *, update_every: int = 1, start_step: int = 0) -> None:
+        self.names, self.schedules = parse_decays(decay)
+        self.update_every = _check_int(update_every, "update_every", 1)
+        self.start_step = _check_int(start_step, "start_step", 0)
+        self.step = 0
+        self.last_update_step = 0
+        self.num_updates = 0
+        self.last_decays: tuple[float, ...] | None = None
+
+    def plan(self, steps: int = 1) -> Plan:
+        """The decays to apply after ``steps`` more optimizer steps (none when not due).
+
+        Changes nothing; call :meth:`commit` once the plan has been carried out.
+        """
+        steps = _check_int(steps, "steps", 1)
+        t = self.step + steps
+        if t - self.last_update_step < self.update_every:
+            return Plan(t, ())
+        if t <= self.start_step:
+            return Plan(t, tuple(0.0 for _ in self.schedules))
+        t_rel = t - self.start_step
+        dt = min(t - self.last_update_step, t_rel)
+        decays = []
+        for name, schedule in zip(self.names, self.schedules):
+            d = schedule(t_rel, dt)
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+                raise ValueError(
+                    f"schedule {schedule!r} of average {name!r} returned {d!r} at step {t_rel} "
+                    f"(gap {dt}); a decay must be a float in [0, 1]"
+                )
+            decays.append(float(d))
+        return Plan(t, tuple(decays))
+
+    def commit(self, plan: Plan) -> None:
+        """Record that ``plan`` was carried out."""
+        self.step = plan.step
+        if plan.decays:
+            self.last_update_step = plan.step
+            self.num_updates += 1
+            self.last_decays = plan.decays
+
+    @property
+    def last_decay_by_name(self) -> dict[str, float | None]:
+        """The decay each average received at its last update (``None`` before any)."""
+        if self.last_decays is None:
+            return dict.fromkeys(self.names)
+        return dict(zip(self.names, self.last_decays))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, cadence and every schedule's state, as plain Python data."""
+        return {
+            "step": self.step,
+            "last_update_step": self.last_update_step,
+            "num_updates": self.num_updates,
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "last_decays": None if self.last_decays is None else list(self.last_decays),
+            "schedules": {n: s.state_dict() for n, s in zip(self.names, self.schedules)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters and schedule state; the averages' names must match exactly."""
+        try:
+            schedules = state["schedules"]
+            step = _check_int(state["step"], "step", 0)
+            last = _check_int(state["last_update_step"], "last_update_step", 0)
+            num = _check_int(state["num_updates"], "num_updates", 0)
+        except KeyError as e:
+            raise ValueError(f"timeline state is missing the field {e.args[0]!r}") from None
+        missing = [n for n in self.names if n not in schedules]
+        extra = [n for n in schedules if n not in self.names]
+        if missing or extra:
+            raise ValueError(
+                f"averages differ from the saved state: missing {missing}, unexpected {extra}"
+            )
+        for field in ("update_every", "start_step"):
+            if field in state and state[field] != getattr(self, field):
+                warn(
+                    f"{field} is {getattr(self, field)} here but was {state[field]} when saved; "
+                    f"keeping {getattr(self, field)}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        for name, schedule in zip(self.names, self.schedules):
+            schedule.load_state_dict(schedules[name])
+        decays = state.get("last_decays")
+        self.step, self.last_update_step, self.num_updates = step, last, num
+        self.last_decays = None if decays is None else tuple(float(d) for d in decays)

@@ -1,0 +1,1 @@
+"""PyTorch side of polyak (imported on first use of a torch API)."""

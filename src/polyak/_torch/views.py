@@ -1,0 +1,94 @@
+"""Putting averaged weights into a model: pointer swaps and a module sharing the storage.
+
+Both avoid copies where the average has the model's dtype and device: a swap rebinds each live
+tensor's ``.data`` to the average's view and later rebinds it back to the very tensor it had,
+so the training weights come back bit for bit. Where dtype or device differ, the swap makes one
+cast copy of each tensor (the size of the model in its own dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SwapState", "shared_module", "swap_in", "swap_out"]
+
+
+class SwapState:
+    """The live tensors' own data, held while averaged weights are swapped in."""
+
+    def __init__(self, targets: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+        self.targets = list(targets)
+        self.saved = list(saved)
+        self.hook: Any = None
+
+
+def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    warnings.warn(
+        "state_dict() of a model whose averaged weights are swapped in: this saves the "
+        "average, not the training weights. Save after the `with ema.swapped(...)` block "
+        "(or restore()) to checkpoint the training weights.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def swap_in(
+    root: nn.Module, targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+) -> SwapState:
+    """Point each target's ``.data`` at the matching source (cast copy if dtype/device differ)."""
+    saved = [t.data for t in targets]
+    with torch.no_grad():
+        new = [
+            s if (s.dtype == t.dtype and s.device == t.device) else s.to(t.device, t.dtype)
+            for t, s in zip(targets, sources)
+        ]
+    for t, s in zip(targets, new):
+        t.data = s
+    state = SwapState(targets, saved)
+    state.hook = root.register_state_dict_pre_hook(_warn_state_dict)
+    return state
+
+
+def swap_out(state: SwapState) -> None:
+    """Give every target its own data back, exactly as it was."""
+    for t, s in zip(state.targets, state.saved):
+        t.data = s
+    if state.hook is not None:
+        state.hook.remove()
+
+
+def shared_module(
+    root: nn.Module, replacements: dict[int, torch.Tensor], keep: Sequence[torch.Tensor]
+) -> nn.Module:
+    """A structural copy of ``root`` whose tensors are ``replacements[id(live_tensor)]``.
+
+    Parameters become ``nn.Parameter(view, requires_grad=False)`` sharing the view's storage;
+    tensors in ``keep`` are shared with the live model; anything else (plain tensor attributes)
+    is deep-copied. Tied weights stay tied (one replacement per live tensor).
+    """
+    memo: dict[int, Any] = {id(t): t for t in keep}
+    for key, view in replacements.items():
+        memo[key] = view
+    for module in root.modules():
+        for p in module._parameters.values():
+            if (
+                p is not None
+                and id(p) in replacements
+                and not isinstance(memo[id(p)], nn.Parameter)
+            ):
+                memo[id(p)] = nn.Parameter(replacements[id(p)], requires_grad=False)
+    try:
+        clone = copy.deepcopy(root, memo)
+    except Exception as e:  # pragma: no cover - depends on the user's model
+        raise TypeError(
+            f"cannot build a module for the average: {type(root).__name__} does not deep-copy "
+            f"({e}). Use `with ema.swapped(model):` instead."
+        ) from e
+    clone.eval()
+    return clone

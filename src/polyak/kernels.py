@@ -1,0 +1,196 @@
+"""Functional EMA kernels for NumPy arrays and torch tensors (the pure core).
+
+One update of an exponential moving average (EMA) of weights is
+
+    avg <- decay * avg + (1 - decay) * value  ==  avg + (1 - decay) * (value - avg)
+
+which is ``torch.lerp(avg, value, 1 - decay)``. Both NumPy and torch evaluate it with the
+two-sided lerp formula (``avg + w*(value-avg)`` for ``w < 0.5``, ``value - (value-avg)*(1-w)``
+otherwise), so ``decay=0`` copies ``value`` exactly, ``decay=1`` leaves ``avg`` untouched and a
+constant input is an exact fixed point.
+
+This module imports NumPy only; torch is used when the caller passes torch tensors (and is
+therefore already imported).
+
+References:
+    Polyak & Juditsky, "Acceleration of stochastic approximation by averaging", 1992.
+    Morales-Brotons, Vogels & Hendrikx, "Exponential Moving Average of Weights in Deep Learning:
+    Dynamics and Benefits", TMLR 2024, Eq. 1.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, TypeVar
+
+import numpy as np
+
+from polyak._tree import flatten, framework, rebuild
+
+__all__ = ["check_decay", "ema_update", "ema_update_"]
+
+T = TypeVar("T")
+
+
+def check_decay(decay: object, what: str = "decay") -> float:
+    """Return ``decay`` as a float after checking that it is a real number in [0, 1].
+
+    Raises:
+        TypeError: ``decay`` is not a real number (``bool`` included).
+        ValueError: ``decay`` is NaN or outside [0, 1].
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a real number in [0, 1], got {decay!r}")
+    value = float(decay)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{what} must be in [0, 1], got {decay!r}")
+    return value
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def _pairs(avg: Any, value: Any) -> list[tuple[str, Any, Any]]:
+    """Matching (path, avg_leaf, value_leaf) triples; structures must be the same."""
+    a_items, v_items = flatten(avg, "avg"), flatten(value, "value")
+    a_paths, v_paths = [p for p, _ in a_items], [p for p, _ in v_items]
+    if a_paths != v_paths:
+        missing = [p for p in a_paths if p not in set(v_paths)]
+        extra = [p for p in v_paths if p not in set(a_paths)]
+        raise ValueError(
+            f"avg and value have different structures; missing from value: {missing}, "
+            f"not in avg: {extra}"
+        )
+    return [(p, a, v) for (p, a), (_, v) in zip(a_items, v_items)]
+
+
+def _check_leaf(where: str, avg: Any, value: Any) -> str:
+    fa, fv = framework(avg), framework(value)
+    if fa is None or fv is None:
+        bad = type(avg if fa is None else value).__name__
+        raise TypeError(f"at {where}: expected an array or tensor, got {bad}")
+    if fa != fv:
+        raise TypeError(f"at {where}: cannot mix frameworks (avg is {fa}, value is {fv})")
+    for name, x in (("avg", avg), ("value", value)):
+        if fa == "numpy" and np.dtype(x.dtype).kind not in "fc":
+            raise TypeError(f"at {where}: {name} has dtype {x.dtype}; only floats can be averaged")
+        if fa == "torch" and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"at {where}: {name} has dtype {x.dtype}; only floats can be averaged")
+    if tuple(avg.shape) != tuple(value.shape):
+        raise ValueError(
+            f"at {where}: shape mismatch, avg {tuple(avg.shape)} vs value {tuple(value.shape)}"
+        )
+    if fa == "torch" and avg.device != value.device:
+        raise ValueError(f"at {where}: avg is on {avg.device} but value is on {value.device}")
+    return fa
+
+
+def _validate(avg: Any, value: Any) -> list[tuple[str, Any, Any]]:
+    pairs = _pairs(avg, value)
+    for where, a, v in pairs:
+        _check_leaf(where, a, v)
+    return pairs
+
+
+def _np_lerp_(avg: np.ndarray, value: np.ndarray, weight: float) -> None:
+    diff = np.asarray(value, dtype=avg.dtype) - avg
+    if weight < 0.5:
+        avg += avg.dtype.type(weight) * diff
+    else:
+        np.subtract(value, diff * avg.dtype.type(1.0 - weight), out=avg, casting="unsafe")
+
+
+def ema_update_(avg: T, value: Any, decay: float) -> T:
+    """Update ``avg`` in place: ``avg <- decay*avg + (1-decay)*value``; return ``avg``.
+
+    ``avg`` and ``value`` are NumPy arrays or torch tensors, or matching (possibly nested) lists,
+    tuples or dicts of them. The arithmetic runs in ``avg``'s dtype. Everything is validated before
+    anything is written, so a bad input leaves ``avg`` untouched. Lists of torch tensors are updated
+    with one ``torch._foreach_lerp_`` call per (device, dtype) group.
+
+    Args:
+        avg: the running average (float or complex dtype), updated in place.
+        value: the new value, same structure and shapes as ``avg``.
+        decay: weight kept on the old average, in [0, 1].
+
+    Returns:
+        ``avg``.
+
+    Raises:
+        TypeError: non-float arrays, mixed NumPy/torch, or an unsupported container.
+        ValueError: ``decay`` outside [0, 1], or mismatched shapes, keys or lengths.
+
+    Example:
+        >>> import numpy as np
+
+    from polyak._tree import flatten, framework, rebuild
+        >>> avg = np.zeros(3)
+        >>> ema_update_(avg, np.ones(3), decay=0.9)
+        array([0.1, 0.1, 0.1])
+    """
+    weight = 1.0 - check_decay(decay)
+    pairs = _validate(avg, value)
+    for where, a, _ in pairs:
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"at {where}: avg is read-only")
+    torch_pairs = [(a, v) for _, a, v in pairs if not isinstance(a, np.ndarray)]
+    for _, a, v in pairs:
+        if isinstance(a, np.ndarray):
+            _np_lerp_(a, v, weight)
+    if torch_pairs:
+        lerp_lists_([a for a, _ in torch_pairs], [v for _, v in torch_pairs], weight)
+    return avg
+
+
+def ema_update(avg: T, value: Any, decay: float) -> T:
+    """Return ``decay*avg + (1-decay)*value`` as new arrays; the inputs are not modified.
+
+        Same structures and checks as :func:`ema_update_`. The result has the promoted dtype of
+        ``avg`` and ``value`` (for example float32 and float64 give float64).
+
+        Example:
+            >>> import numpy as np
+
+    from polyak._tree import flatten, framework, rebuild
+            >>> ema_update(np.array([1.0, 2.0]), np.array([3.0, 4.0]), decay=0.5)
+            array([2., 3.])
+    """
+    weight = 1.0 - check_decay(decay)
+    pairs = _validate(avg, value)
+    out = []
+    for _, a, v in pairs:
+        if isinstance(a, np.ndarray):
+            r = np.array(a, dtype=np.result_type(a, v), copy=True)
+            _np_lerp_(r, v, weight)
+        else:
+            torch = _torch()
+            dtype = torch.promote_types(a.dtype, v.dtype)
+            with torch.no_grad():
+                r = torch.lerp(a.to(dtype), v.to(dtype), weight)
+        out.append(r)
+    return rebuild(avg, out.__getitem__)
+
+
+def lerp_lists_(avgs: list[Any], values: list[Any], weight: float) -> None:
+    """``avgs[i] <- lerp(avgs[i], values[i], weight)`` for torch tensors, grouped for foreach.
+
+    Tensors whose dtype differs from their average's are handled per tensor with a cast of that
+    one tensor (the functional API is not the hot path; :class:`polyak.EMA` avoids the cast).
+    ``weight`` is ``1 - decay``.
+    """
+    torch = _torch()
+    if not math.isfinite(weight):
+        raise ValueError(f"lerp weight must be finite, got {weight}")
+    groups: dict[tuple[Any, Any], tuple[list[Any], list[Any]]] = {}
+    with torch.no_grad():
+        for a, v in zip(avgs, values):
+            if a.dtype != v.dtype:
+                a.lerp_(v.to(a.dtype), weight)
+                continue
+            ga, gv = groups.setdefault((a.device, a.dtype), ([], []))
+            ga.append(a)
+            gv.append(v)
+        for ga, gv in groups.values():
+            torch._foreach_lerp_(ga, gv, weight)

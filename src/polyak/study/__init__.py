@@ -1,0 +1,1 @@
+"""The ``polyak study`` experiments: small models on real data, raw versus averaged weights."""

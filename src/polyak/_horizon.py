@@ -185,3 +185,38 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             break
         g = nxt
     return g
+
+
+def decay_to_sigma_rel(decay: float, total_steps: float) -> float:
+    """EDM2-style relative width of a constant-decay EMA after ``total_steps`` steps.
+
+    The weight a constant-decay EMA gives to the value ``k`` steps old is ``(1-d) d**k``: a
+    geometric distribution of age with standard deviation ``sqrt(d) / (1 - d)``. Divided by the
+    run length it is comparable with EDM2's ``sigma_rel`` (Karras et al. 2024, Sec. 3;
+    literature.md, notation), valid while the window is short against the run.
+
+    Args:
+        decay: a decay in ``(0, 1)``.
+        total_steps: the run length ``> 0`` in steps.
+
+    Example:
+        >>> round(decay_to_sigma_rel(0.9999, 100_000), 3)
+        0.1
+    """
+    d = real_in("decay", decay, 0.0, 1.0, lo_open=True, hi_open=True)
+    return math.sqrt(d) / (1.0 - d) / positive("total_steps", total_steps)
+
+
+def sigma_rel_to_decay(sigma_rel: float, total_steps: float) -> float:
+    """The constant decay whose EMA has relative width ``sigma_rel`` after ``total_steps`` steps.
+
+    Inverse of :func:`decay_to_sigma_rel`: solves ``sqrt(d)/(1-d) = sigma_rel * total_steps``.
+
+    Example:
+        >>> round(sigma_rel_to_decay(0.1, 100_000), 6)
+        0.9999
+    """
+    w = positive("sigma_rel", sigma_rel) * positive("total_steps", total_steps)
+    # sqrt(d) = x solves w x**2 + x - w = 0 (x in (0, 1)).
+    x = (-1.0 + math.sqrt(1.0 + 4.0 * w * w)) / (2.0 * w)
+    return x * x

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from polyak._horizon import (
     SIGMA_REL_MAX,
     decay_to_halflife,
+    decay_to_sigma_rel,
     gamma_to_sigma_rel,
     halflife_to_decay,
     integer,
@@ -43,6 +44,7 @@ from polyak._horizon import (
     real,
     real_in,
     scale_decay,
+    sigma_rel_to_decay,
     sigma_rel_to_gamma,
 )
 
@@ -53,12 +55,14 @@ __all__ = [
     "cosine",
     "debiased",
     "decay_to_halflife",
+    "decay_to_sigma_rel",
     "gamma_to_sigma_rel",
     "halflife",
     "halflife_to_decay",
     "inverse_power",
     "power",
     "scale_decay",
+    "sigma_rel_to_decay",
     "sigma_rel_to_gamma",
     "uniform",
     "warmup",
@@ -324,17 +328,17 @@ class _Power(Schedule):
                 f"give exactly one of sigma_rel and gamma, got sigma_rel={sigma_rel!r}, "
                 f"gamma={gamma!r}"
             )
-        self.sigma_rel = self.gamma = None
+        self._given: dict[str, float | None] = {"sigma_rel": None, "gamma": None}
         if sigma_rel is not None:
-            self.sigma_rel = real_in(
-                "sigma_rel", sigma_rel, 0.0, SIGMA_REL_MAX, lo_open=True, hi_open=True
-            )
-            self._exponent = sigma_rel_to_gamma(self.sigma_rel) + 1.0
+            rel = real_in("sigma_rel", sigma_rel, 0.0, SIGMA_REL_MAX, lo_open=True, hi_open=True)
+            self._given["sigma_rel"] = rel
+            self.gamma = sigma_rel_to_gamma(rel)
         else:
-            self.gamma = real("gamma", gamma)
+            self._given["gamma"] = self.gamma = real("gamma", gamma)
             if self.gamma < 0.0:
                 raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-            self._exponent = self.gamma + 1.0
+        self.sigma_rel = gamma_to_sigma_rel(self.gamma)
+        self._exponent = self.gamma + 1.0
 
     def _step(self, t: int) -> float:
         return ((t - 1) / t) ** self._exponent
@@ -343,7 +347,7 @@ class _Power(Schedule):
         return ((t - dt) / t) ** self._exponent
 
     def _params(self) -> dict[str, Any]:
-        return {"sigma_rel": self.sigma_rel, "gamma": self.gamma}
+        return dict(self._given)
 
     @property
     def name(self) -> str:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from polyak._timeline import Timeline
-from polyak._torch.naming import canonical_name, is_uninitialized, select_tensors, unwrap
+from polyak._torch.ema_state import StateMixin
+from polyak._torch.ema_use import UseMixin
+from polyak._torch.naming import is_uninitialized, select_tensors, unwrap
+from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
 from polyak._torch.storage import FlatStorage
 from polyak._torch.update import DirectGroup, StagedGroup
-from polyak._torch.views import SwapState, shared_module, swap_in, swap_out
+from polyak._torch.views import SwapState
 
 __all__ = ["EMA"]
 
@@ -24,7 +26,7 @@ _VERSION = 1
 _LOW_PRECISION = {torch.bfloat16: 8, torch.float16: 11}  # significant bits
 
 
-class EMA:
+class EMA(UseMixin, StateMixin):
     """Exponential moving averages of a model's weights, kept outside the model.
 
     After each optimizer step, :meth:`update` applies to every tracked tensor of every average
@@ -117,6 +119,8 @@ class EMA:
         self._storage: FlatStorage | None = None
         self._swap: SwapState | None = None
         self._modules: dict[str, nn.Module] = {}
+        self._fsdp = fsdp_modules(self._root)
+        self._shards: dict[str, ShardInfo] = {}
         if not any(is_uninitialized(e.get()) for e in self._entries):
             self._build()
 
@@ -144,6 +148,7 @@ class EMA:
                     v.copy_(t)
             for (_, t), v in zip(cpy, self._copies.views[0].values()):
                 v.copy_(t)
+        self._shards = {e.name: i for e in self._entries if (i := shard_info(e.raw())) is not None}
         self._bind(lives)
 
     def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
@@ -220,6 +225,8 @@ class EMA:
             )
         if model is not None and unwrap(model) is not self._root:
             self._rebind(model)
+        if self._fsdp:
+            reshard(self._fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
         if self._storage is None:
             self._build()
         plan = self._timeline.plan(steps)
@@ -298,189 +305,6 @@ class EMA:
     def _ensure_built(self) -> None:
         if self._storage is None:
             self._build()
-
-    def _row(self, name: str | None) -> int:
-        names = self._timeline.names
-        if name is None:
-            if len(names) > 1:
-                raise ValueError(f"this EMA keeps several averages; name one of {list(names)}")
-            return 0
-        if name not in names:
-            raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
-        return names.index(name)
-
-    def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
-        """``{tensor name: view}`` of one average (averaged and copied tensors), no copies."""
-        self._ensure_built()
-        assert self._storage is not None
-        row = self._storage.views[self._row(name)]
-        copies = self._copies.views[0]
-        return {
-            e.name: row[e.name] if e.mode == "average" else copies[e.name] for e in self._entries
-        }
-
-    def _targets(self, model: nn.Module | None) -> tuple[nn.Module, list[torch.Tensor]]:
-        if model is None or unwrap(model) is self._root:
-            return self._root, self._entry_order_lives()
-        root = unwrap(model)
-        buffers, include, exclude = self._policy
-        entries = {e.name: e for e in select_tensors(root, buffers, include, exclude)}
-        self._check_same_names(entries, f"{type(model).__name__}")
-        return root, [entries[e.name].get() for e in self._entries]
-
-    # ----------------------------------------------------------------- using the average
-    def apply_shadow(self, model: nn.Module | None = None, name: str | None = None) -> None:
-        """Put the averaged weights into ``model`` (default: the trained model) until
-        :meth:`restore`. No copy when the average has the model's dtype and device.
-
-        Prefer ``with ema.swapped(model):``, which restores even when its body raises.
-        """
-        if self._swap is not None:
-            raise RuntimeError("averaged weights are already swapped in; call restore() first")
-        self._ensure_built()
-        root, targets = self._targets(model)
-        for e, t, v in zip(self._entries, targets, self.averaged_tensors(name).values()):
-            self._check_shape(e.name, t, v)
-        self._swap = swap_in(root, targets, list(self.averaged_tensors(name).values()))
-
-    def restore(self, model: nn.Module | None = None) -> None:
-        """Give the model back its training weights, bit for bit, after :meth:`apply_shadow`."""
-        if self._swap is None:
-            raise RuntimeError("restore() without apply_shadow(): nothing is swapped in")
-        state, self._swap = self._swap, None
-        swap_out(state)
-
-    @contextlib.contextmanager
-    def swapped(
-        self, model: nn.Module | None = None, name: str | None = None
-    ) -> Iterator[nn.Module]:
-        """Context manager: the model evaluates with average ``name`` inside the block.
-
-        The training weights come back bit for bit on exit, also when the block raises. Inside
-        the block ``update()`` raises, and ``model.state_dict()`` warns (it would save the
-        average). Training inside the block would write into the average: don't.
-
-        Example:
-            >>> with ema.swapped(model):                      # doctest: +SKIP
-            ...     val_loss = evaluate(model, val_loader)
-        """
-        self.apply_shadow(model, name)
-        try:
-            yield model if model is not None else self._model
-        finally:
-            self.restore()
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module | None = None, name: str | None = None) -> None:
-        """Write average ``name`` into ``model``'s tensors permanently (a copy, cast as needed)."""
-        if self._swap is not None:
-            raise RuntimeError("copy_to() while swapped in would be undone by restore()")
-        self._ensure_built()
-        _, targets = self._targets(model)
-        sources = list(self.averaged_tensors(name).values())
-        for e, t, v in zip(self._entries, targets, sources):
-            self._check_shape(e.name, t, v)
-        for t, v in zip(targets, sources):
-            t.copy_(v)
-
-    def get_module(self, name: str | None = None) -> nn.Module:
-        """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
-
-        Memory: only the module structure. Its parameters and buffers *are* the average's
-        storage (views, no copy), so it follows every :meth:`update`; tensors the EMA does not
-        track (excluded, ``buffers="ignore"``) are shared with the trained model. It holds the
-        averages in their own dtype (float32 for a bf16 model). Do not ``.to()`` or cast it:
-        that would give it its own copy, detached from the average; pick ``dtype``/``device``
-        when building the EMA instead.
-        """
-        self._ensure_built()
-        key = self._timeline.names[self._row(name)]
-        if key not in self._modules:
-            lives = self._entry_order_lives()
-            views = self.averaged_tensors(key).values()
-            replacements = {id(t): v for t, v in zip(lives, views)}
-            keep = [
-                t
-                for m in self._root.modules()
-                for t in (*m._parameters.values(), *m._buffers.values())
-                if t is not None and id(t) not in replacements
-            ]
-            self._modules[key] = shared_module(self._root, replacements, keep)
-        return self._modules[key]
-
-    @property
-    def module(self) -> nn.Module:
-        """:meth:`get_module` of the only average (see there for its memory cost)."""
-        return self.get_module(None)
-
-    # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: plain tensors, plain Python data, a format version.
-
-        The tensors are views of the live storage (like ``nn.Module.state_dict``): save them
-        (``torch.save``) or clone them before the next update. Loadable with
-        ``torch.load(..., weights_only=True)``.
-        """
-        self._ensure_built()
-        assert self._storage is not None
-        return {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "dtype": str(self._dtype),
-            "timeline": self._timeline.state_dict(),
-            "averages": {
-                n: dict(self._storage.views[i]) for i, n in enumerate(self._timeline.names)
-            },
-            "copied": dict(self._copies.views[0]),
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load :meth:`state_dict` output; names and shapes are checked before anything changes.
-
-        Saved values are copied into this EMA's storage, which keeps its dtype (a float32 average
-        stays float32 whatever the checkpoint held). Tensor names may carry wrapper prefixes.
-        """
-        if self._swap is not None:
-            raise RuntimeError("load_state_dict() while swapped in; call restore() first")
-        if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(
-                f"not a {_FORMAT} v{_VERSION} state dict (format={state.get('format')!r}, "
-                f"version={state.get('version')!r})"
-            )
-        self._ensure_built()
-        assert self._storage is not None
-        averages = state["averages"]
-        if set(averages) != set(self._timeline.names):
-            raise ValueError(
-                f"averages differ: saved {sorted(averages)}, this EMA has {list(self.names)}"
-            )
-        plan: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for row, name in zip(self._storage.views, self._timeline.names):
-            plan += self._match(row, averages[name], f"average {name!r}")
-        plan += self._match(self._copies.views[0], state["copied"], "copied tensors")
-        self._timeline.load_state_dict(state["timeline"])
-        for dst, src in plan:
-            dst.copy_(src)
-
-    def _match(
-        self, ours: Mapping[str, torch.Tensor], saved: Mapping[str, Any], what: str
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        saved = {canonical_name(k): v for k, v in saved.items()}
-        missing = [n for n in ours if n not in saved]
-        extra = [n for n in saved if n not in ours]
-        if missing or extra:
-            raise ValueError(f"{what}: missing {missing}, unexpected {extra}")
-        out = []
-        for n, dst in ours.items():
-            src = saved[n]
-            if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
-                got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
-                raise ValueError(
-                    f"{what}: {n} has shape {got} in the state, {tuple(dst.shape)} here"
-                )
-            out.append((dst, src))
-        return out
 
     def __repr__(self) -> str:
         built = "not built" if self._storage is None else f"{self.nbytes / 2**20:.1f} MiB"

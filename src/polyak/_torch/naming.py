@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._torch.sharding import local
+
 __all__ = ["Entry", "canonical_name", "select_tensors", "unwrap"]
 
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -66,9 +68,14 @@ class Entry:
     mode: str
     aliases: tuple[str, ...] = ()
 
-    def get(self) -> torch.Tensor:
+    def raw(self) -> torch.Tensor:
+        """The tensor registered in the module (a DTensor under FSDP2)."""
         table = self.owner._parameters if self.is_param else self.owner._buffers
         return table[self.attr]  # type: ignore[return-value]
+
+    def get(self) -> torch.Tensor:
+        """The tensor the kernels read: the local shard of a DTensor, else the tensor itself."""
+        return local(self.raw())
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:

@@ -20,11 +20,17 @@ __all__ = ["SwapState", "shared_module", "swap_in", "swap_out"]
 
 
 class SwapState:
-    """The live tensors' own data, held while averaged weights are swapped in."""
+    """The live tensors' own data (or a copy of it), held while averages are swapped in."""
 
-    def __init__(self, targets: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        targets: Sequence[torch.Tensor],
+        saved: Sequence[torch.Tensor],
+        by_copy: Sequence[bool],
+    ) -> None:
         self.targets = list(targets)
         self.saved = list(saved)
+        self.by_copy = list(by_copy)
         self.hook: Any = None
 
 
@@ -39,26 +45,35 @@ def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
 
 
 def swap_in(
-    root: nn.Module, targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+    root: nn.Module,
+    targets: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    by_copy: Sequence[bool],
 ) -> SwapState:
-    """Point each target's ``.data`` at the matching source (cast copy if dtype/device differ)."""
-    saved = [t.data for t in targets]
+    """Point each target's ``.data`` at the matching source (cast copy if dtype/device differ);
+    where ``by_copy``, copy the source into the target instead, keeping a copy of its data."""
     with torch.no_grad():
-        new = [
-            s if (s.dtype == t.dtype and s.device == t.device) else s.to(t.device, t.dtype)
-            for t, s in zip(targets, sources)
-        ]
-    for t, s in zip(targets, new):
-        t.data = s
-    state = SwapState(targets, saved)
+        saved = [t.detach().clone() if c else t.data for t, c in zip(targets, by_copy)]
+        for t, s, c in zip(targets, sources, by_copy):
+            if c:
+                t.copy_(s)
+            elif s.dtype == t.dtype and s.device == t.device:
+                t.data = s
+            else:
+                t.data = s.to(t.device, t.dtype)
+    state = SwapState(targets, saved, by_copy)
     state.hook = root.register_state_dict_pre_hook(_warn_state_dict)
     return state
 
 
 def swap_out(state: SwapState) -> None:
     """Give every target its own data back, exactly as it was."""
-    for t, s in zip(state.targets, state.saved):
-        t.data = s
+    with torch.no_grad():
+        for t, s, c in zip(state.targets, state.saved, state.by_copy):
+            if c:
+                t.copy_(s)
+            else:
+                t.data = s
     if state.hook is not None:
         state.hook.remove()
 

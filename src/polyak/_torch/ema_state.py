@@ -76,12 +76,11 @@ class StateMixin:
         """
         state = self.state_dict()
         state.pop("shards", None)
-        raw = {e.name: e.raw() for e in self._entries}
         for key in [*state["averages"], None]:
             table = state["copied"] if key is None else state["averages"][key]
             for name, view in table.items():
                 info = self._shards.get(name)
-                table[name] = full_tensor(view, raw[name]) if info else view.clone()
+                table[name] = full_tensor(view, info) if info else view.clone()
         if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return None
         return state

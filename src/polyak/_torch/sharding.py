@@ -13,7 +13,7 @@ shard (and back), and unsharded parameters left over from a ``no_grad`` forward 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,11 +50,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """Where this rank's slice sits in the full tensor."""
+    """Where this rank's slice sits in the full tensor, and how to gather it."""
 
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
     local_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    mesh: Any = field(compare=False, repr=False)
+    placements: Any = field(compare=False, repr=False)
 
     def to_dict(self) -> dict[str, list[int]]:
         return {
@@ -75,7 +78,14 @@ def shard_info(t: torch.Tensor) -> ShardInfo | None:
         t.device_mesh,  # type: ignore[attr-defined]
         t.placements,  # type: ignore[attr-defined]
     )
-    return ShardInfo(tuple(t.shape), tuple(offset), tuple(shape))
+    return ShardInfo(
+        tuple(t.shape),
+        tuple(offset),
+        tuple(shape),
+        tuple(t.stride()),
+        t.device_mesh,  # type: ignore[attr-defined]
+        t.placements,  # type: ignore[attr-defined]
+    )
 
 
 def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
@@ -87,15 +97,15 @@ def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
     return out
 
 
-def full_tensor(local_view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Gather the shards of ``local_view`` laid out like the DTensor ``like`` (a collective)."""
+def full_tensor(local_view: torch.Tensor, info: ShardInfo) -> torch.Tensor:
+    """Gather the shards of ``local_view`` laid out as ``info`` says (a collective)."""
     cls = _dtensor_type()
     dt = cls.from_local(
         local_view,
-        like.device_mesh,  # type: ignore[attr-defined]
-        like.placements,  # type: ignore[attr-defined]
-        shape=like.shape,
-        stride=like.stride(),
+        info.mesh,
+        info.placements,
+        shape=torch.Size(info.global_shape),
+        stride=info.stride,
         run_check=False,
     )
     return dt.full_tensor()

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_workers import net, run, set_weights_
 
 import polyak
+from dist_workers import net, run, set_weights_
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"

@@ -401,3 +401,17 @@ def test_staged_update_through_scratch_equals_cast_then_lerp(chunk):
             assert torch.equal(a, b)
     if chunk == 7:
         assert len(group.batches) >= 5  # split into many batches
+
+
+def test_writes_into_a_cast_swap_reach_the_average_and_untouched_tensors_stay_exact():
+    model = bn_net().to(torch.bfloat16)
+    ema = polyak.EMA(model, 0.9)
+    run_stream(model, ema, 3)
+    before = {k: v.clone() for k, v in ema.averaged_tensors().items()}
+    with ema.swapped(model):
+        model[1].running_mean.fill_(0.5)  # what recompute_bn does inside the block
+    after = ema.averaged_tensors()
+    assert torch.equal(after["1.running_mean"], torch.full((7,), 0.5))
+    for k, v in before.items():
+        if k != "1.running_mean":
+            assert torch.equal(after[k], v), k  # no bf16 rounding written back

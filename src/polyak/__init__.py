@@ -20,16 +20,50 @@ from polyak.array_ema import ArrayEMA
 from polyak.kernels import ema_update, ema_update_
 
 if TYPE_CHECKING:
+    from polyak import metrics, presets
     from polyak._torch.ema import EMA
+    from polyak.workflows import (
+        EarlyStopping,
+        ensemble_predictions,
+        evaluate,
+        hard_update_,
+        recompute_bn,
+        soft_update_,
+        train_with_ema,
+    )
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "EMA": ("polyak._torch.ema", "EMA"),
     "metrics": ("polyak.metrics", None),
+    "presets": ("polyak.presets", None),
+    "train_with_ema": ("polyak.workflows", "train_with_ema"),
+    "evaluate": ("polyak.workflows", "evaluate"),
+    "EarlyStopping": ("polyak.workflows", "EarlyStopping"),
+    "recompute_bn": ("polyak.workflows", "recompute_bn"),
+    "soft_update_": ("polyak.workflows", "soft_update_"),
+    "hard_update_": ("polyak.workflows", "hard_update_"),
+    "ensemble_predictions": ("polyak.workflows", "ensemble_predictions"),
 }
 
-__all__ = ["EMA", "ArrayEMA", "__version__", "ema_update", "ema_update_", "metrics", "schedules"]
+__all__ = [
+    "EMA",
+    "ArrayEMA",
+    "EarlyStopping",
+    "__version__",
+    "ema_update",
+    "ema_update_",
+    "ensemble_predictions",
+    "evaluate",
+    "hard_update_",
+    "metrics",
+    "presets",
+    "recompute_bn",
+    "schedules",
+    "soft_update_",
+    "train_with_ema",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,10 @@
 Both avoid copies where the average has the model's dtype and device: a swap rebinds each live
 tensor's ``.data`` to the average's view and later rebinds it back to the very tensor it had,
 so the training weights come back bit for bit. Where dtype or device differ, the swap makes one
-cast copy of each tensor (the size of the model in its own dtype).
+cast copy of each tensor (the size of the model in its own dtype); FSDP2 shards are copied in
+place. Where the model then sees a copy, anything written into it during the swap (BatchNorm
+statistics recomputed inside ``ema.swapped(...)``) is written back to the average on exit; a
+tensor's version counter tells whether it was written.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class SwapState:
         self.saved = list(saved)
         self.by_copy = list(by_copy)
         self.hook: Any = None
+        # (index, source, version) of targets that see a copy of their source
+        self.copies: list[tuple[int, torch.Tensor, int]] = []
 
 
 def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -52,23 +57,28 @@ def swap_in(
 ) -> SwapState:
     """Point each target's ``.data`` at the matching source (cast copy if dtype/device differ);
     where ``by_copy``, copy the source into the target instead, keeping a copy of its data."""
+    state = SwapState(targets, [], by_copy)
     with torch.no_grad():
-        saved = [t.detach().clone() if c else t.data for t, c in zip(targets, by_copy)]
-        for t, s, c in zip(targets, sources, by_copy):
+        state.saved = [t.detach().clone() if c else t.data for t, c in zip(targets, by_copy)]
+        for i, (t, s, c) in enumerate(zip(targets, sources, by_copy)):
             if c:
                 t.copy_(s)
             elif s.dtype == t.dtype and s.device == t.device:
                 t.data = s
+                continue
             else:
                 t.data = s.to(t.device, t.dtype)
-    state = SwapState(targets, saved, by_copy)
+            state.copies.append((i, s, t._version))
     state.hook = root.register_state_dict_pre_hook(_warn_state_dict)
     return state
 
 
 def swap_out(state: SwapState) -> None:
-    """Give every target its own data back, exactly as it was."""
+    """Write back what was written into copies; give every target its own data back exactly."""
     with torch.no_grad():
+        for i, source, version in state.copies:
+            if state.targets[i]._version != version:
+                source.copy_(state.targets[i])
         for t, s, c in zip(state.targets, state.saved, state.by_copy):
             if c:
                 t.copy_(s)

@@ -1,0 +1,34 @@
+"""Training workflows around :class:`polyak.EMA` (imports torch).
+
+* :func:`train_with_ema` — a training loop that keeps averages and evaluates live vs averaged
+  weights every epoch;
+* :func:`evaluate` — the size-weighted mean loss (and metrics) of a model over a loader;
+* :class:`EarlyStopping` — the best epoch over the live weights and every average;
+* :func:`recompute_bn` — BatchNorm statistics recomputed for averaged weights;
+* :func:`soft_update_`, :func:`hard_update_` — target networks (RL, BYOL, MoCo, mean teacher);
+* :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints.
+
+Batches follow one convention everywhere: a tensor is an input without target, a tuple or list
+``(x, y)`` is inputs then target (``(x1, x2, y)`` passes ``x1, x2``; ``(x,)`` has no target), a
+dict is keyword inputs without target. For anything else pass ``forward(model, batch) ->
+(outputs, targets)``; it receives the batch already moved to the device.
+"""
+
+from polyak.workflows.bn import recompute_bn
+from polyak.workflows.early_stopping import Best, EarlyStopping
+from polyak.workflows.ensemble import EnsemblePredictions, ensemble_predictions
+from polyak.workflows.evaluate import evaluate
+from polyak.workflows.target import hard_update_, soft_update_
+from polyak.workflows.train import train_with_ema
+
+__all__ = [
+    "Best",
+    "EarlyStopping",
+    "EnsemblePredictions",
+    "ensemble_predictions",
+    "evaluate",
+    "hard_update_",
+    "recompute_bn",
+    "soft_update_",
+    "train_with_ema",
+]

@@ -1,0 +1,192 @@
+"""Target networks: ``polyak.soft_update_`` and ``polyak.hard_update_`` (RL, BYOL, MoCo, ...).
+
+Conventions differ between fields, so the weight is always named for what it weighs:
+
+    target <- decay * target + online_weight * online,     online_weight = 1 - decay
+
+RL papers (DDPG, TD3, SAC) write ``tau`` for ``online_weight`` (``tau=0.005``); self-supervised
+papers (BYOL, MoCo, DINO) write ``tau``/``m``/``momentum`` for ``decay`` (``0.996``). Here ``tau``
+is accepted only as an alias of ``online_weight`` (the RL meaning); pass ``decay=`` for the other.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyak._torch.naming import select_tensors
+from polyak.workflows._common import check_module
+
+__all__ = ["hard_update_", "soft_update_"]
+
+
+def _weight(online_weight: Any, tau: Any, decay: Any) -> float:
+    given = {
+        k: v
+        for k, v in (("online_weight", online_weight), ("tau", tau), ("decay", decay))
+        if v is not None
+    }
+    if len(given) != 1:
+        raise TypeError(
+            "pass exactly one of online_weight= (the weight on the online network), tau= (its RL "
+            "alias: target = tau*online + (1-tau)*target) or decay= (= 1 - online_weight), got "
+            + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none")
+        )
+    ((key, value),) = given.items()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{key} must be a number in [0, 1], got {value!r}")
+    w = float(value)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
+    return 1.0 - w if key == "decay" else w
+
+
+def _pairs(
+    target: nn.Module, online: nn.Module, buffers: str
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(averaged pairs, copied pairs)`` of (target, online) tensors, matched by name."""
+    check_module(target, "target")
+    check_module(online, "online")
+    if target is online:
+        raise ValueError("target and online are the same module: make the target a copy")
+    ours = {e.name: e for e in select_tensors(target, buffers)}
+    theirs = {e.name: e for e in select_tensors(online, buffers)}
+    missing = [n for n in ours if n not in theirs]
+    extra = [n for n in theirs if n not in ours]
+    if missing or extra:
+        raise ValueError(
+            f"target and online networks differ: online lacks {missing}, target lacks {extra}"
+        )
+    averaged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, entry in ours.items():
+        t, o = entry.get(), theirs[name].get()
+        if t.shape != o.shape:
+            raise ValueError(
+                f"{name}: target has shape {tuple(t.shape)}, online has {tuple(o.shape)}"
+            )
+        if t.is_floating_point() != o.is_floating_point():
+            raise ValueError(f"{name}: target is {t.dtype}, online is {o.dtype}")
+        if t is o or (t.numel() > 0 and t.data_ptr() == o.data_ptr()):
+            raise ValueError(
+                f"{name}: target and online share this tensor, so the update would do nothing; "
+                "make the target with copy.deepcopy(online)"
+            )
+        (averaged if entry.mode == "average" else copied).append((t, o))
+    return averaged, copied
+
+
+def _apply(
+    averaged: list[tuple[torch.Tensor, torch.Tensor]],
+    copied: list[tuple[torch.Tensor, torch.Tensor]],
+    weight: float,
+) -> None:
+    if weight == 1.0:
+        copied, averaged = copied + averaged, []
+    groups: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for t, o in averaged if weight > 0.0 else []:
+        groups.setdefault((t.device, t.dtype, o.device, o.dtype), []).append((t, o))
+    for (tdev, tdt, odev, odt), pairs in groups.items():
+        ts, os_ = [p[0] for p in pairs], [p[1] for p in pairs]
+        if (tdev, tdt) == (odev, odt):
+            torch._foreach_lerp_(ts, os_, weight)  # in place, no temporaries
+        else:  # other dtype/device: one cast copy per tensor
+            for t, o in pairs:
+                t.lerp_(o.to(t.device, t.dtype), weight)
+    if copied:
+        torch._foreach_copy_([t for t, _ in copied], [o for _, o in copied])
+
+
+@torch.no_grad()
+def soft_update_(
+    target: nn.Module,
+    online: nn.Module,
+    *,
+    online_weight: float | None = None,
+    tau: float | None = None,
+    decay: float | None = None,
+    buffers: str = "average",
+) -> nn.Module:
+    """Move ``target`` towards ``online`` in place (Polyak averaging of a target network).
+
+    For every floating parameter (and floating buffer, with ``buffers="average"``):
+
+        target <- target + w * (online - target)  =  (1 - w) * target + w * online
+
+    with ``w = online_weight = tau = 1 - decay``. Give exactly one of them, by keyword:
+
+    * ``online_weight=0.005`` or ``tau=0.005``: the RL convention (DDPG/TD3/SAC ``tau``);
+    * ``decay=0.996``: the convention of :class:`polyak.EMA` and of BYOL/MoCo/DINO momentum.
+
+    Integer buffers (``num_batches_tracked``) are copied. Tensors are matched by canonical name
+    (so a DDP- or ``torch.compile``-wrapped online network works); names, shapes and kinds are
+    all checked before anything changes. Same dtype and device: one ``torch._foreach_lerp_``,
+    no allocation; otherwise one cast copy per tensor.
+
+    Args:
+        target: the target (teacher, momentum encoder) network, updated in place.
+        online: the trained (student, query) network.
+        online_weight: ``w`` in ``[0, 1]``: 0 leaves the target, 1 copies the online network.
+        tau: alias of ``online_weight`` (RL notation).
+        decay: ``1 - w``, the weight kept on the target.
+        buffers: floating buffers are ``"average"``d (default), ``"copy"``-ed or ``"ignore"``-d.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        TypeError: none or several of ``online_weight``/``tau``/``decay``; not modules.
+        ValueError: a weight outside ``[0, 1]``; networks that differ in names or shapes, or
+            share tensors.
+
+    Example:
+        >>> import copy, torch, polyak
+        >>> online = torch.nn.Linear(4, 2)
+        >>> target = copy.deepcopy(online)
+        >>> _ = polyak.soft_update_(target, online, tau=0.005)      # RL: 0.5 % online
+        >>> _ = polyak.soft_update_(target, online, decay=0.995)    # the same update
+
+    References:
+        Lillicrap et al., "Continuous control with deep reinforcement learning" (DDPG), ICLR
+        2016; Grill et al., "Bootstrap Your Own Latent" (BYOL), NeurIPS 2020; He et al.,
+        "Momentum Contrast" (MoCo), CVPR 2020; Tarvainen & Valpola, "Mean teachers", NeurIPS
+        2017.
+    """
+    w = _weight(online_weight, tau, decay)
+    averaged, copied = _pairs(target, online, buffers)
+    _apply(averaged, copied, w)
+    return target
+
+
+@torch.no_grad()
+def hard_update_(target: nn.Module, online: nn.Module, *, buffers: str = "copy") -> nn.Module:
+    """Copy ``online``'s weights into ``target`` in place: ``target <- online``.
+
+    The periodic target update of DQN. Parameters and integer buffers are copied; floating
+    buffers too unless ``buffers="ignore"``. Tensors are matched by canonical name and checked
+    (names, shapes) before anything changes. Equivalent to ``soft_update_(..., online_weight=1)``.
+
+    Args:
+        target: the target network, updated in place.
+        online: the trained network.
+        buffers: ``"copy"`` (default) or ``"ignore"`` for floating buffers.
+
+    Returns:
+        ``target``.
+
+    Example:
+        >>> import copy, torch, polyak
+        >>> online = torch.nn.Linear(4, 2); target = copy.deepcopy(online)
+        >>> _ = polyak.hard_update_(target, online)
+
+    References:
+        Mnih et al., "Human-level control through deep reinforcement learning", Nature 2015.
+    """
+    if buffers not in ("copy", "ignore"):
+        raise ValueError(f"buffers must be 'copy' or 'ignore', got {buffers!r}")
+    averaged, copied = _pairs(target, online, buffers)
+    _apply(averaged, copied, 1.0)
+    return target

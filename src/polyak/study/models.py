@@ -1,0 +1,30 @@
+"""The study's small networks: a BatchNorm MLP and a small CNN."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+__all__ = ["make_model"]
+
+
+def make_model(kind: str, num_features: int, num_classes: int) -> nn.Module:
+    """``"mlp"``: features-256-256-classes with BatchNorm; ``"cnn"``: two conv blocks (square
+    single-channel images of ``num_features`` pixels).
+    """
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(num_features, 256), nn.BatchNorm1d(256), nn.ReLU(),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(),
+            nn.Linear(256, num_classes),
+        )  # fmt: skip
+    side = math.isqrt(num_features)
+    if side * side != num_features or side % 4:
+        raise ValueError(f"the cnn needs square images with a side divisible by 4, got {side}")
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * (side // 4) ** 2, num_classes),
+    )  # fmt: skip

@@ -1,0 +1,120 @@
+"""polyak study: the quick end-to-end run, its outputs, the table and report writers, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from polyak.cli import main
+from polyak.study.config import StudyConfig
+from polyak.study.report import format_table
+from polyak.study.run import run_study
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    cfg = StudyConfig(quick=True, out=str(out), progress=False, regression_splits=2)
+    return out, run_study(cfg)
+
+
+def test_quick_run_writes_every_output(quick):
+    out, results = quick
+    for name in (
+        "results.json",
+        "report.md",
+        "accuracy_per_epoch.png",
+        "reliability.png",
+        "seed_agreement.png",
+        "regression.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["dataset"] == "digits" and saved["config"]["quick"] is True
+    assert (
+        saved["command"]
+        == "polyak study --regression-splits 2 --out " + str(out) + " --quick --no-progress"
+    )
+    assert {"polyak", "torch", "numpy", "python"} <= set(saved["versions"])
+    assert saved["wall_time_s"] > 0
+    summary = saved["classification"]["summary"]
+    assert set(summary) == {"0.0", "0.4"}
+    models = summary["0.4"]["models"]
+    assert list(models) == [
+        "live",
+        "ema 0.99",
+        "ema 0.999",
+        "ema 0.9999",
+        "ema 0.99 +bn",
+        "ema 0.999 +bn",
+        "ema 0.9999 +bn",
+    ]
+    for row in models.values():
+        assert 0 < row["acc"]["mean"] <= 1 and row["nll"]["mean"] > 0
+        assert len(row["final_acc_per_seed"]) == 2
+    assert len(models["live"]["curve_mean"]) == 12
+    assert 0 < models["live"]["memorised"]["mean"] <= 1
+    assert models["live"]["memorised"]["mean"] == pytest.approx(
+        sum(r["final"]["live"]["memorised"] for r in saved["classification"]["runs"]["0.4"]) / 2
+    )
+    assert math.isnan(
+        results["classification"]["summary"]["0.0"]["models"]["live"]["memorised"]["mean"]
+    )  # no flipped labels without noise
+    reg = saved["regression"]["settings"]
+    assert set(reg) == {"over-trained", "regularised"}
+    assert all(len(s["rmse_live"]) == 2 for s in reg.values())
+
+
+def test_averages_beat_live_weights_under_label_noise(quick):
+    _, results = quick
+    verdict = results["classification"]["summary"]["0.4"]["verdict"]
+    assert verdict["final_acc_gain"] > 0.02, verdict
+    assert verdict["seeds_won"] == verdict["seeds"]
+
+
+def test_report_states_findings_and_caveats(quick):
+    out, _ = quick
+    report = (out / "report.md").read_text()
+    assert "![accuracy_per_epoch.png](accuracy_per_epoch.png)" in report
+    assert "Label noise 40%" in report and "C-MAPSS" in report and "NLL" in report
+    assert "| live |" in report
+
+
+def test_table_marks_the_winner_of_each_column():
+    stat = lambda m: {"mean": m, "std": 0.0}  # noqa: E731
+    summary = {
+        "0.4": {
+            "models": {
+                "live": {
+                    k: stat(v)
+                    for k, v in dict(
+                        acc=0.7, nll=1.0, ece=0.1, memorised=0.9, agreement=0.8
+                    ).items()
+                },
+                "ema 0.99": {
+                    k: stat(v)
+                    for k, v in dict(
+                        acc=0.8, nll=0.9, ece=0.2, memorised=0.3, agreement=0.9
+                    ).items()
+                },
+            }
+        }
+    }
+    text = format_table(summary)
+    live = next(line for line in text.splitlines() if line.startswith("live"))
+    ema = next(line for line in text.splitlines() if line.startswith("ema 0.99"))
+    assert "70.0 ± 0.0 " in live and "80.0 ± 0.0 *" in ema and "10.0 ± 0.0 *" in live
+    assert "—" in live  # no best-epoch column for this row
+
+
+def test_cli_help_and_bad_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--help"])
+    assert e.value.code == 0
+    assert "--noise" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="decays"):
+        StudyConfig(decays=(1.5,)).resolved()
+    with pytest.raises(ValueError, match="model"):
+        StudyConfig(model="resnet").resolved()

@@ -217,3 +217,28 @@ def load_mismatch(rank: int, world: int, path: str, out: str) -> None:
         ema.load_state_dict(state)
     except Exception as e:  # record what each rank saw
         torch.save(f"{type(e).__name__}: {e}", f"{out}.{rank}")
+
+
+def bn_batches(rank: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(500 + rank)
+    return [torch.randn(16, 6, generator=gen) * (1 + rank) + rank for _ in range(3)]
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def recompute_bn_synced(rank: int, world: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(bn_net())
+    ema = polyak.EMA(model, 0.9)
+    with ema.swapped(model):
+        polyak.recompute_bn(model.module, bn_batches(rank))  # this rank's batches only
+    stats = torch.cat([ema.averaged_tensors()[k] for k in ("1.running_mean", "1.running_var")])
+    gathered = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(gathered, stats)
+    assert torch.equal(gathered[0], gathered[1]), "BN statistics differ across ranks"
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in ema.averaged_tensors().items()}, out)

@@ -112,3 +112,16 @@ def test_a_rank_that_cannot_load_raises_a_named_error_on_every_rank(tmp_path):
     msg1 = torch.load(f"{out}.1", weights_only=True)
     assert msg1.startswith("ValueError") and "2.weight" in msg1 and "(4, 4)" in msg1
     assert msg0.startswith("RuntimeError") and "rank 1" in msg0 and "2.weight" in msg0
+
+
+def test_recompute_bn_under_ddp_gives_every_rank_the_statistics_of_all_batches(tmp_path):
+    from dist_workers import bn_batches, bn_net, recompute_bn_synced
+
+    out = tmp_path / "bn.pt"
+    spawn(tmp_path, recompute_bn_synced, str(out))
+    got = torch.load(out, weights_only=True)
+    single = bn_net()
+    polyak.recompute_bn(single, bn_batches(0) + bn_batches(1))  # one process, all batches
+    for k in ("running_mean", "running_var"):
+        torch.testing.assert_close(got[f"1.{k}"], getattr(single[1], k), rtol=1e-6, atol=1e-6)
+    assert got["1.num_batches_tracked"].item() == 6

@@ -71,6 +71,7 @@ def recompute_bn(
     forward: Forward | None = None,
     *,
     device: torch.device | str | None = None,
+    sync: bool | None = None,
 ) -> nn.Module:
     """Reset every BatchNorm layer's running statistics and recompute them over ``loader``.
 
@@ -85,11 +86,13 @@ def recompute_bn(
     (the semantics of ``torch.optim.swa_utils.update_bn``; every batch weighs the same, so a short
     last batch counts as much as a full one: use ``drop_last=True`` or ``num_batches`` to avoid
     it). The statistics are written in place, so on ``ema.module`` or inside
-    ``with ema.swapped(model):`` they land in the EMA's storage (the live model's are left
-    alone; but where the average's dtype or device differs from the model's, the swap holds a
-    cast copy and the new statistics go with it at the end of the block: use ``ema.module``
-    there). Afterwards every layer gets its momentum and every submodule its training flag back;
+    ``with ema.swapped(model):`` they land in the EMA's storage and the live model's are left
+    alone. Afterwards every layer gets its momentum and every submodule its training flag back;
     if the pass fails, the old statistics are restored as well. Gradients are not computed.
+
+    Under ``torch.distributed`` (DDP without SyncBatchNorm: each rank sees its own batches) the
+    statistics are then all-reduced, weighted by each rank's batch count, so that every rank
+    holds the same BatchNorm state: the cumulative average over all ranks' batches.
 
     Args:
         model: the model whose BatchNorm statistics to recompute (e.g. ``ema.module``).
@@ -98,6 +101,8 @@ def recompute_bn(
         num_batches: use only the first ``num_batches`` batches (default: all of them).
         forward: ``forward(model, batch)`` for other layouts; its return value is ignored.
         device: where to move the batches (default: the device of the model's first parameter).
+        sync: all-reduce the statistics across ranks; default: when ``torch.distributed`` is
+            initialised with more than one rank. Every rank must then call this function.
 
     Returns:
         ``model``, for chaining.
@@ -149,6 +154,8 @@ def recompute_bn(
                 seen += 1
             if seen == 0:
                 raise ValueError("the loader yielded no batch: BatchNorm statistics unchanged")
+            if _distributed() if sync is None else sync:
+                _all_reduce_stats(layers)
     except BaseException:
         load_bn(saved)
         raise
@@ -156,3 +163,27 @@ def recompute_bn(
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
     return model
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_stats(layers: list[_BatchNorm]) -> None:
+    """Average every layer's statistics over all ranks, weighted by its batch count (one call)."""
+    counts = [float(m.num_batches_tracked) for m in layers]  # type: ignore[arg-type]
+    parts = []
+    for m, c in zip(layers, counts):
+        parts += [m.running_mean.double() * c, m.running_var.double() * c]  # type: ignore[union-attr]
+    flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64, device=parts[0].device)])
+    torch.distributed.all_reduce(flat)
+    totals = flat[-len(layers) :]
+    offset = 0
+    for i, m in enumerate(layers):
+        n = m.running_mean.numel()  # type: ignore[union-attr]
+        total = totals[i].clamp_min(1.0)
+        m.running_mean.copy_(flat[offset : offset + n] / total)  # type: ignore[union-attr]
+        m.running_var.copy_(flat[offset + n : offset + 2 * n] / total)  # type: ignore[union-attr]
+        m.num_batches_tracked.fill_(int(totals[i].item()))  # type: ignore[union-attr]
+        offset += 2 * n

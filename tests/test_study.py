@@ -80,6 +80,7 @@ def test_report_states_findings_and_caveats(quick):
     assert "![accuracy_per_epoch.png](accuracy_per_epoch.png)" in report
     assert "Label noise 40%" in report and "C-MAPSS" in report and "NLL" in report
     assert "| live |" in report
+    assert "## Against the goals" in report and "| wall time | <= 120 s |" in report
 
 
 def test_table_marks_the_winner_of_each_column():

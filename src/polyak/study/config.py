@@ -52,7 +52,8 @@ class StudyConfig:
     quick: bool = field(
         default=False, metadata={"help": "seconds-long run on digits (CI); overrides sizes"}
     )
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    workers: int = field(default=2, metadata={"help": "parallel training processes"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per process"})
     progress: bool = field(default=True, metadata={"help": "show progress on stderr"})
 
     def resolved(self) -> StudyConfig:
@@ -65,7 +66,8 @@ class StudyConfig:
             raise ValueError(f"model must be 'mlp' or 'cnn', got {cfg.model!r}")
         if cfg.average not in ("debiased", "warmup", "constant"):
             raise ValueError(f"average must be debiased, warmup or constant, got {cfg.average!r}")
-        for name in ("epochs", "seeds", "batch_size", "ece_bins", "regression_splits"):
+        names = ("epochs", "seeds", "batch_size", "ece_bins", "regression_splits", "workers")
+        for name in (*names, "threads"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if not 0.0 < cfg.val_fraction < 0.5:

@@ -23,7 +23,7 @@ import polyak
 from polyak import metrics, schedules
 from polyak.study.data import load_diabetes
 
-__all__ = ["SETTINGS", "run_regression"]
+__all__ = ["SETTINGS", "regression_case", "run_regression", "summarise_regression"]
 
 # name -> (epochs, learning rate, AdamW weight decay, cosine schedule)
 SETTINGS: dict[str, tuple[int, float, float, bool]] = {
@@ -71,21 +71,22 @@ def _one(setting: str, split_seed: int, quick: bool) -> dict[str, float]:
     return {"live": live, "ema": averaged}
 
 
-def run_regression(
-    splits: int, quick: bool = False, tick: Callable[[int], None] | None = None
+def regression_case(setting: str, split: int, quick: bool = False) -> dict[str, float]:
+    """RMSE (original units) of live and averaged weights for one setting and split."""
+    return _one(setting, split, quick)
+
+
+def summarise_regression(
+    rows: dict[str, list[dict[str, float]]], quick: bool = False
 ) -> dict[str, Any]:
-    """RMSE (original units) of live and averaged weights per setting and split."""
+    """Per setting: the RMSEs of every split, the mean relative change and the wins."""
     out: dict[str, Any] = {"decay": DECAY, "settings": {}}
-    for setting, (epochs, lr, wd, cosine) in SETTINGS.items():
-        rows = []
-        for s in range(splits):
-            rows.append(_one(setting, s, quick))
-            if tick is not None:
-                tick(1)
-        live = np.array([r["live"] for r in rows])
-        ema = np.array([r["ema"] for r in rows])
+    for setting, cases in rows.items():
+        epochs, lr, wd, cosine = SETTINGS[setting]
+        live = np.array([r["live"] for r in cases])
+        ema = np.array([r["ema"] for r in cases])
         out["settings"][setting] = {
-            "epochs": epochs if not quick else max(20, epochs // 8),
+            "epochs": max(20, epochs // 8) if quick else epochs,
             "lr": lr,
             "weight_decay": wd,
             "cosine": cosine,
@@ -93,6 +94,20 @@ def run_regression(
             "rmse_ema": ema.tolist(),
             "relative_change": float(np.mean(ema / live - 1.0)),
             "ema_wins": int(np.sum(ema < live)),
-            "splits": splits,
+            "splits": len(cases),
         }
     return out
+
+
+def run_regression(
+    splits: int, quick: bool = False, tick: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """:func:`regression_case` for every setting and split, summarised."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for setting in SETTINGS:
+        rows[setting] = []
+        for split in range(splits):
+            rows[setting].append(regression_case(setting, split, quick))
+            if tick is not None:
+                tick(1)
+    return summarise_regression(rows, quick)

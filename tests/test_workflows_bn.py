@@ -11,15 +11,6 @@ import polyak
 from polyak.workflows import recompute_bn
 from torch_helpers import randomize_
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EPS = 1e-5
 
 

@@ -12,14 +12,6 @@ from polyak.workflows import Best, EarlyStopping
 from torch_helpers import bn_net, randomize_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -11,14 +11,6 @@ import polyak
 from polyak.workflows import ensemble_predictions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))

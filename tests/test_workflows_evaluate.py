@@ -11,14 +11,6 @@ import polyak
 from polyak.workflows import evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, generator=gen)

@@ -12,14 +12,6 @@ from polyak.workflows import hard_update_, soft_update_
 from torch_helpers import bn_net, randomize_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(seed=0):
     online = bn_net(seed)
     target = copy.deepcopy(online)

@@ -12,14 +12,6 @@ from polyak.study.data import load_diabetes, load_digits
 from polyak.workflows import EarlyStopping, evaluate, recompute_bn, train_with_ema
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threads only add contention on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     ds = load_digits(seed=0)

@@ -118,7 +118,9 @@ def train_with_ema(
         forward: ``forward(model, batch) -> (outputs, targets)`` for other batch layouts.
 
     Returns:
-        The history, ``{key: [one value per epoch]}``.
+        The history, ``{key: [one value per epoch]}``. With several averages every
+        ``val_<metric>_ema[<name>]`` series is there, and ``val_<metric>_ema`` is the first
+        average's (the one ``final_weights="average"`` puts in the model).
 
     Raises:
         ValueError, TypeError: a bad argument, named in the message (checked before training).
@@ -245,6 +247,10 @@ def train_with_ema(
             break
     for m, flag in flags:
         m.training = flag
+    first = next(iter(labels.values()))
+    if first != "ema":  # several averages: "<key>_ema" is the first one's, as final_weights uses
+        for key in monitors:
+            history[f"{key}_ema"] = history[f"{key}_{first}"]
     _finish(model, ema, final_weights, early_stopping, bn_loader, bn_batches, forward)
     return history
 

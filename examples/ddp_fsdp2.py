@@ -61,10 +61,12 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     data = load_digits(seed=0)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     xv, yv = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator().manual_seed(0)  # the same order on every rank...
     for _ in range(args.epochs):
         for idx in torch.randperm(len(x), generator=gen).split(64):
-            idx = idx.chunk(world)[0] if len(idx) >= world else idx  # this rank's part
+            if len(idx) < world:
+                continue
+            idx = idx.chunk(world)[rank]  # ...and each rank takes its part of every batch
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
             opt.zero_grad()

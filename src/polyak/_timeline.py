@@ -25,7 +25,7 @@ from warnings import warn
 
 from polyak.schedules import Schedule, as_schedule
 
-__all__ = ["Plan", "Timeline", "parse_decays"]
+__all__ = ["Plan", "Timeline", "TimelineViews", "parse_decays"]
 
 
 def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
@@ -172,3 +172,40 @@ class Timeline:
         decays = state.get("last_decays")
         self.step, self.last_update_step, self.num_updates = step, last, num
         self.last_decays = None if decays is None else tuple(float(d) for d in decays)
+
+
+class TimelineViews:
+    """Read-only views of a ``_timeline`` shared by :class:`polyak.EMA` and ``ArrayEMA``."""
+
+    _timeline: Timeline
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the averages, in the order given."""
+        return self._timeline.names
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps counted so far (a Python int: reading it never syncs)."""
+        return self._timeline.step
+
+    @property
+    def num_updates(self) -> int:
+        """How many times the averages were changed (``step / update_every`` or fewer)."""
+        return self._timeline.num_updates
+
+    @property
+    def last_decays(self) -> dict[str, float | None]:
+        """The decay each average received at its last update (``None`` before any)."""
+        return self._timeline.last_decay_by_name
+
+    def _row(self, name: str | None) -> int:
+        """Index of average ``name``; ``None`` picks the only one (an error when several)."""
+        names = self._timeline.names
+        if name is None:
+            if len(names) > 1:
+                raise ValueError(f"several averages are kept; name one of {list(names)}")
+            return 0
+        if name not in names:
+            raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
+        return names.index(name)

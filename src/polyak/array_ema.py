@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from polyak._timeline import Timeline
+from polyak._timeline import Timeline, TimelineViews
 from polyak._tree import flatten, rebuild
 from polyak.kernels import _np_lerp_
 
@@ -17,7 +17,7 @@ _FORMAT = "polyak.ArrayEMA"
 _VERSION = 1
 
 
-class ArrayEMA:
+class ArrayEMA(TimelineViews):
     """Exponential moving averages of NumPy arrays.
 
     Each update applies, per average and per array,
@@ -94,21 +94,6 @@ class ArrayEMA:
         if init == "zero":
             self._initial = []  # a zero start needs no copy of x_0 for the correction
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Names of the averages, in the order given."""
-        return self._timeline.names
-
-    @property
-    def step(self) -> int:
-        """Number of steps counted by :meth:`update` so far."""
-        return self._timeline.step
-
-    @property
-    def last_decays(self) -> dict[str, float | None]:
-        """The decay each average received at its last update (``None`` before any)."""
-        return self._timeline.last_decay_by_name
-
     def _leaves(self, params: Any) -> list[np.ndarray]:
         items = flatten(params, "params")
         paths = [p for p, _ in items]
@@ -133,23 +118,13 @@ class ArrayEMA:
             self._leftover[name] *= decay
         self._timeline.commit(plan)
 
-    def _name(self, name: str | None) -> str:
-        names = self._timeline.names
-        if name is None:
-            if len(names) > 1:
-                raise ValueError(f"this ArrayEMA keeps several averages; pick one of {names}")
-            return names[0]
-        if name not in names:
-            raise KeyError(f"no average named {name!r}; have {names}")
-        return name
-
     def get(self, name: str | None = None, *, bias_correction: bool = False) -> Any:
         """A copy of the average ``name`` (needed when several are kept), shaped like ``params``.
 
         With ``bias_correction=True`` the initial values' leftover weight is removed (see the
         class docstring); this needs at least one update with a decay below 1.
         """
-        name = self._name(name)
+        name = self._timeline.names[self._row(name)]
         avgs = self._avgs[name]
         if not bias_correction:
             return rebuild(self._template, lambda i: avgs[i].copy())

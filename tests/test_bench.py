@@ -1,0 +1,145 @@
+"""``polyak bench`` in quick mode: runs, checks every candidate, writes results, never crashes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+
+from polyak import bench
+from polyak._torch import bench_candidates, bench_models
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    config = bench.BenchConfig(
+        quick=True,
+        shapes=("transformer", "resnet50", "transformer-bf16"),
+        peers=("AveragedModel", "timm-V3", "torch_ema", "ema-pytorch-foreach"),
+        multi=2,
+        output_dir=str(out),
+    )
+    config.scale = 0.01
+    return bench.run_bench(config), out
+
+
+def test_quick_run_times_and_checks_every_candidate(quick_result):
+    result, _ = quick_result
+    assert [s["shape"] for s in result["sections"]] == [
+        "transformer",
+        "resnet50",
+        "transformer-bf16",
+    ]
+    for section in result["sections"]:
+        names = {r["name"] for r in section["rows"]}
+        assert {"copy (flat)", "lerp (flat)", "polyak", "polyak flat_params"} <= names
+        for row in section["rows"]:
+            assert row["median_s"] > 0 and row["q1_s"] <= row["q3_s"]
+            if row["kind"] == "polyak":
+                assert row["allocated"] == 0, row
+                assert row["err"] < 1e-5 and abs(row["moved"] - 1) < 1e-3, row
+    fp32 = {r["name"]: r for r in result["sections"][0]["rows"]}
+    assert "foreach (cached lists)" in fp32
+    for peer in ("AveragedModel", "timm-V3", "torch_ema", "ema-pytorch-foreach"):
+        assert fp32[peer]["err"] < 1e-4, fp32[peer]  # the peers compute the same averages
+    bf16 = {r["name"]: r for r in result["sections"][2]["rows"]}
+    assert "polyak (fp32 model)" in bf16 and "timm-V3-fp32" in bf16
+    assert bf16["torch_ema"]["moved"] < 0.5  # a bf16 average freezes; polyak's float32 does not
+    assert bf16["polyak"]["moved"] == pytest.approx(1.0, abs=1e-3)
+    multi = result["multi"][0]
+    assert multi["k"] == 2 and all(r["err"] < 1e-5 for r in multi["rows"])
+    rows = {r["storage"]: r for r in result["precision"]["rows"] if r["decay"] == 0.999}
+    assert rows["float32"]["moved"] == pytest.approx(1.0, abs=1e-3)
+    assert rows["bfloat16, round-to-nearest"]["moved"] < 0.2
+    assert rows["bfloat16, stochastic rounding"]["moved"] == pytest.approx(1.0, abs=0.2)
+    goals = {g["goal"] for g in result["goals"]}
+    assert "flat_params update, transformer" in goals
+    assert result["load"]["before"] and result["load"]["after"]
+
+
+def test_results_files_name_machine_and_versions(quick_result):
+    result, out = quick_result
+    files = sorted(os.listdir(out))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    stem = files[0][: -len(".json")]
+    assert f"{result['machine']['cores']}c" in stem and "torch-" in stem and stem.endswith("quick")
+    with open(out / files[0]) as f:
+        saved = json.load(f)
+    assert saved["versions"]["torch"] == result["versions"]["torch"]
+    text = (out / files[1]).read_text()
+    assert "| polyak flat_params |" in text and "### goals" in text and "load average" in text
+
+
+def test_a_failing_peer_is_skipped_with_its_reason(monkeypatch, capsys):
+    real = bench_candidates.make_peer
+
+    def broken(name, model, decay):
+        if name == "torch_ema":
+            raise ImportError("No module named 'torch_ema'")
+        return real(name, model, decay)
+
+    monkeypatch.setattr("polyak._torch.bench_run.make_peer", broken)
+    config = bench.BenchConfig(
+        quick=True,
+        shapes=("mlp",),
+        peers=("torch_ema", "AveragedModel"),
+        multi=0,
+        precision=False,
+        output_dir=None,
+    )
+    config.scale = 0.01
+    result = bench.run_bench(config)
+    assert result["skipped"] == {"torch_ema": "ImportError: No module named 'torch_ema'"}
+    assert "skipping torch_ema" in capsys.readouterr().out
+    assert "AveragedModel" in {r["name"] for r in result["sections"][0]["rows"]}
+
+
+def test_timm_loads_by_path_without_torchvision():
+    module = bench_candidates.timm_model_ema()
+    assert hasattr(module, "ModelEmaV3")
+
+
+def test_cli_flags_map_to_config():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--shapes",
+            "mlp,resnet50",
+            "--peers",
+            "timm-V3",
+            "--repeats",
+            "4",
+            "--no-save",
+            "--multi",
+            "0",
+            "--no-precision",
+        ]
+    )
+    config = bench.config_from_args(args)
+    assert config.shapes == ("mlp", "resnet50") and config.peers == ("timm-V3",)
+    assert config.output_dir is None and config.multi == 0 and not config.precision
+    assert config.repeats == 3  # quick mode caps the rounds
+    assert bench.config_from_args(parser.parse_args([])) == bench.BenchConfig()
+    with pytest.raises(ValueError, match="unknown"):
+        bench.BenchConfig(shapes="vgg")
+    with pytest.raises(ValueError, match="repeats"):
+        bench.BenchConfig(repeats=0)
+    assert bench.SHAPES == bench_models.SHAPES
+    assert set(bench.PEERS) == set(bench_candidates.PEERS)
+
+
+def test_resnet50_layout_matches_the_reference_architecture():
+    info = bench_models.describe(bench_models.build_model("resnet50"))
+    assert info == {
+        "param_tensors": 161,
+        "params": 25_557_032,
+        "buffer_tensors": 159,
+        "float_buffer_elements": 53_120,
+    }
+    t = bench_models.describe(bench_models.build_model("transformer", 0.05))
+    assert t["param_tensors"] == 399

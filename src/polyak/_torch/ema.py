@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyak._timeline import Timeline
+from polyak._timeline import Timeline, TimelineViews
 from polyak._torch.ema_state import StateMixin
 from polyak._torch.ema_use import UseMixin
 from polyak._torch.flat_params import describe_skipped, flatten_
@@ -28,7 +28,7 @@ _VERSION = 1
 _LOW_PRECISION = {torch.bfloat16: 8, torch.float16: 11}  # significant bits
 
 
-class EMA(UseMixin, StateMixin):
+class EMA(UseMixin, StateMixin, TimelineViews):
     """Exponential moving averages of a model's weights, kept outside the model.
 
     After each optimizer step, :meth:`update` applies to every tracked tensor of every average
@@ -370,26 +370,6 @@ class EMA(UseMixin, StateMixin):
             )
 
     # ----------------------------------------------------------------- introspection
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Names of the averages, in the order given."""
-        return self._timeline.names
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps counted so far (a Python int: reading it never syncs)."""
-        return self._timeline.step
-
-    @property
-    def num_updates(self) -> int:
-        """How many times the averages were changed (``step / update_every`` or fewer)."""
-        return self._timeline.num_updates
-
-    @property
-    def last_decays(self) -> dict[str, float | None]:
-        """The decay each average received at its last update (``None`` before any)."""
-        return self._timeline.last_decay_by_name
-
     @property
     def tensor_names(self) -> list[str]:
         """Canonical names of the tracked tensors (averaged and copied)."""

@@ -37,20 +37,11 @@ class UseMixin:
         _fsdp: list[nn.Module]
 
         def _ensure_built(self) -> None: ...
+        def _row(self, name: str | None) -> int: ...
         def _entry_order_lives(self) -> list[torch.Tensor]: ...
         def _check_same_names(self, names: Iterable[str], what: str) -> None: ...
         @staticmethod
         def _check_shape(name: str, live: torch.Tensor, view: torch.Tensor) -> None: ...
-
-    def _row(self, name: str | None) -> int:
-        names = self._timeline.names
-        if name is None:
-            if len(names) > 1:
-                raise ValueError(f"this EMA keeps several averages; name one of {list(names)}")
-            return 0
-        if name not in names:
-            raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
-        return names.index(name)
 
     def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
         """``{tensor name: view}`` of one average (averaged and copied tensors), no copies.

@@ -26,16 +26,7 @@ from torch import nn
 
 __all__ = ["PEERS", "Candidate", "make_peer", "measure_update", "memory_of", "timm_model_ema"]
 
-PEERS = (
-    "AveragedModel",
-    "timm-V2",
-    "timm-V3",
-    "ema-pytorch",
-    "ema-pytorch-foreach",
-    "torch_ema",
-    "diffusers",
-    "diffusers-foreach",
-)
+from polyak.bench import PEERS
 
 
 @dataclass

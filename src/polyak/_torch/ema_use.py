@@ -67,6 +67,18 @@ class UseMixin:
         self._check_same_names(entries, f"{type(model).__name__}")
         return root, [entries[e.name] for e in self._entries]
 
+    def _pairs(
+        self, model: nn.Module | None, name: str | None
+    ) -> tuple[nn.Module, list[Entry], list[torch.Tensor], list[torch.Tensor]]:
+        """The model's tensors and average ``name``'s, matched by name and checked by shape."""
+        self._ensure_built()
+        root, entries = self._targets(model)
+        targets = [e.get() for e in entries]
+        sources = list(self.averaged_tensors(name).values())
+        for e, t, v in zip(self._entries, targets, sources):
+            self._check_shape(e.name, t, v)
+        return root, entries, targets, sources
+
     def apply_shadow(self, model: nn.Module | None = None, name: str | None = None) -> None:
         """Put the averaged weights into ``model`` (default: the trained model) until
         :meth:`restore`. No copy when the average has the model's dtype and device; FSDP2
@@ -76,12 +88,7 @@ class UseMixin:
         """
         if self._swap is not None:
             raise RuntimeError("averaged weights are already swapped in; call restore() first")
-        self._ensure_built()
-        root, entries = self._targets(model)
-        targets = [e.get() for e in entries]
-        sources = list(self.averaged_tensors(name).values())
-        for e, t, v in zip(self._entries, targets, sources):
-            self._check_shape(e.name, t, v)
+        root, entries, targets, sources = self._pairs(model, name)
         by_copy = [is_dtensor(e.raw()) for e in entries]
         self._swap = swap_in(root, targets, sources, by_copy)
 
@@ -119,12 +126,7 @@ class UseMixin:
         """Write average ``name`` into ``model``'s tensors permanently (a copy, cast as needed)."""
         if self._swap is not None:
             raise RuntimeError("copy_to() while swapped in would be undone by restore()")
-        self._ensure_built()
-        _, entries = self._targets(model)
-        targets = [e.get() for e in entries]
-        sources = list(self.averaged_tensors(name).values())
-        for e, t, v in zip(self._entries, targets, sources):
-            self._check_shape(e.name, t, v)
+        _, _, targets, sources = self._pairs(model, name)
         for t, v in zip(targets, sources):
             t.copy_(v)
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PEERS", "Candidate", "make_peer", "measure_update", "memory_of", "timm_model_ema"]
-
 from polyak.bench import PEERS
+
+__all__ = ["PEERS", "Candidate", "make_peer", "measure_update", "memory_of", "timm_model_ema"]
 
 
 @dataclass

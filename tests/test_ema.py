@@ -377,6 +377,7 @@ def test_repr_and_nbytes():
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
 def test_staged_update_through_scratch_equals_cast_then_lerp(chunk):
+    from polyak._torch.segments import Segment
     from polyak._torch.update import StagedGroup
 
     gen = torch.Generator().manual_seed(0)
@@ -390,7 +391,8 @@ def test_staged_update_through_scratch_equals_cast_then_lerp(chunk):
     ]
     rows = [[torch.randn(t.shape, generator=gen) for t in lives] for _ in range(2)]
     expected = [[a.clone() for a in row] for row in rows]
-    group = StagedGroup(rows, list(range(len(lives))), [t.shape for t in lives], chunk=chunk)
+    segments = [Segment([row[i] for row in rows], i) for i in range(len(lives))]
+    group = StagedGroup(segments, chunk=chunk)
     for decays in [(0.9, 0.5), (0.0, 1.0), (0.99, 0.3)]:
         group.apply(lives, decays)
         for row, d in zip(expected, decays):

@@ -92,19 +92,10 @@ def _runs_apart(segments: list[Segment], compiled: bool) -> tuple[list[Segment],
 class DirectGroup:
     """Averages and live tensors of one (device, dtype): lerp straight from the live tensors."""
 
-    def __init__(self, rows: list[list[torch.Tensor]], index: list[int]) -> None:
-        segments = [Segment([r[j] for r in rows], i) for j, i in enumerate(index)]
-        self._setup(segments, BLOCK, False)
-
-    @classmethod
-    def from_segments(
-        cls, segments: list[Segment], block: int | None = None, compiled: bool = False
-    ) -> DirectGroup:
-        self = cls.__new__(cls)
-        self._setup(segments, BLOCK if block is None else block, compiled)
-        return self
-
-    def _setup(self, segments: list[Segment], block: int, compiled: bool) -> None:
+    def __init__(
+        self, segments: list[Segment], block: int | None = None, compiled: bool = False
+    ) -> None:
+        block = BLOCK if block is None else block
         self.k = len(segments[0].rows)
         order = [s for s in segments if isinstance(s.live, int)]
         order += [s for s in segments if not isinstance(s.live, int)]
@@ -144,24 +135,9 @@ class StagedGroup:
     """Averages whose live tensors differ in dtype or device: lerp through a scratch buffer."""
 
     def __init__(
-        self,
-        rows: list[list[torch.Tensor]],
-        index: list[int],
-        shapes: list[torch.Size] | None = None,
-        chunk: int | None = None,
+        self, segments: list[Segment], chunk: int | None = None, compiled: bool = False
     ) -> None:
-        segments = [Segment([r[j] for r in rows], i) for j, i in enumerate(index)]
-        self._setup(segments, CHUNK if chunk is None else chunk, False)
-
-    @classmethod
-    def from_segments(
-        cls, segments: list[Segment], chunk: int | None = None, compiled: bool = False
-    ) -> StagedGroup:
-        self = cls.__new__(cls)
-        self._setup(segments, CHUNK if chunk is None else chunk, compiled)
-        return self
-
-    def _setup(self, segments: list[Segment], chunk: int, compiled: bool) -> None:
+        chunk = CHUNK if chunk is None else chunk
         ref = segments[0].rows[0]
         self.k = len(segments[0].rows)
         same_device = all(isinstance(s.live, int) or s.live.device == ref.device for s in segments)
@@ -272,7 +248,7 @@ def plan_groups(
         if rounded is not None and akey[1] == torch.bfloat16:
             groups.append(rounded(segments))
         elif copy or akey == (device, dtype):
-            groups.append(DirectGroup.from_segments(segments, compiled=compiled and not copy))
+            groups.append(DirectGroup(segments, compiled=compiled and not copy))
         else:
-            groups.append(StagedGroup.from_segments(segments, compiled=compiled))
+            groups.append(StagedGroup(segments, compiled=compiled))
     return groups, watched

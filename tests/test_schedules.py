@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import doctest
-import importlib.util
 import itertools
 import json
 import math
@@ -18,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peers import timm_model_ema
 from polyak import _horizon, schedules
 from polyak.schedules import (
     Schedule,
@@ -390,19 +390,10 @@ def test_cosine_ramp() -> None:
 
 
 def load_timm_model_ema():  # type: ignore[no-untyped-def]
-    try:
-        spec = importlib.util.find_spec("timm")
-        assert spec is not None and spec.origin is not None
-        path = Path(spec.origin).parent / "utils" / "model_ema.py"
-        file_spec = importlib.util.spec_from_file_location("_timm_model_ema", path)
-        assert file_spec is not None and file_spec.loader is not None
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-        return module
-    except Exception as exc:  # any failure means the peer is unavailable
-        reason = f"timm/utils/model_ema.py could not be loaded: {exc!r}"
-        print(reason)
-        pytest.skip(reason)
+    module = timm_model_ema()
+    if module is None:
+        pytest.skip("timm/utils/model_ema.py could not be loaded (reason printed)")
+    return module
 
 
 STEPS = [*range(1, 3000), 10_000, 31_623, 215_444, 10**6, 10**7]

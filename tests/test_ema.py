@@ -417,3 +417,28 @@ def test_writes_into_a_cast_swap_reach_the_average_and_untouched_tensors_stay_ex
     for k, v in before.items():
         if k != "1.running_mean":
             assert torch.equal(after[k], v), k  # no bf16 rounding written back
+
+
+def test_update_lists_are_the_update_kernels():
+    """A bare lerp over update_lists() gives what update() gives, for flat and scattered models."""
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        ema = polyak.EMA(model, decay=[0.9, 0.5], flat_params=flat)
+        twin = polyak.EMA(model, decay=[0.9, 0.5])
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update()
+        for name, decay in zip(twin.names, (0.9, 0.5)):
+            lists = twin.update_lists(name)
+            with torch.no_grad():
+                for avgs, sources in lists.averaged:
+                    torch._foreach_lerp_(avgs, sources, 1.0 - decay)
+                for dsts, sources in lists.copied:
+                    torch._foreach_copy_(dsts, sources)
+            ours, theirs = ema.averaged_tensors(name), twin.averaged_tensors(name)
+            for n in ours:
+                assert torch.equal(ours[n], theirs[n]), (flat, name, n)
+        assert ema.update_lists("0.9").launches >= 1
+    assert len(polyak.EMA(model, flat_params=True).update_lists().averaged[0][0]) == 1

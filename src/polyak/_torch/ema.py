@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +22,29 @@ from polyak._torch.storage import FlatStorage
 from polyak._torch.update import plan_groups
 from polyak._torch.views import SwapState
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "UpdateLists"]
 
 _FORMAT = "polyak.EMA"
 _VERSION = 1
 _LOW_PRECISION = {torch.bfloat16: 8, torch.float16: 11}  # significant bits
+
+
+@dataclass(frozen=True)
+class UpdateLists:
+    """The tensors one :meth:`EMA.update` reads and writes, grouped as its kernels group them.
+
+    ``averaged``: per update group (one average buffer, one live device and dtype), the views of
+    one average and the tensors the update reads into them, in the same order: live tensors, or
+    spans of several tensors where ``flat_params=True`` laid them out like the average. Where the
+    dtypes agree, ``torch._foreach_lerp_(avgs, sources, 1 - decay)`` over each pair is what the
+    update computes for that average (the bare kernels, e.g. to measure the update's overhead);
+    where they differ the update stages a cast. ``copied``: the same for copied tensors.
+    ``launches``: kernels launched by one update of every average.
+    """
+
+    averaged: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    copied: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    launches: int
 
 
 class EMA(UseMixin, StateMixin, TimelineViews):
@@ -381,6 +400,24 @@ class EMA(UseMixin, StateMixin, TimelineViews):
         self._ensure_built()
         assert self._storage is not None
         return self._storage.nbytes + self._copies.nbytes
+
+    def update_lists(self, name: str | None = None) -> UpdateLists:
+        """The tensors an update of average ``name`` reads and writes (see :class:`UpdateLists`).
+
+        For inspection and benchmarks; the lists hold the tensors as bound now.
+        """
+        self._ensure_built()
+        self._refresh()
+        row = self._row(name)
+
+        def pairs(groups: list[Any], k: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+            return [
+                ([s.rows[k] for s in g.segments], [s.source(self._lives) for s in g.segments])
+                for g in groups
+            ]
+
+        launches = sum(g.kernels for g in self._groups + self._copy_groups)
+        return UpdateLists(pairs(self._groups, row), pairs(self._copy_groups, 0), launches)
 
     def _ensure_built(self) -> None:
         if self._storage is None:

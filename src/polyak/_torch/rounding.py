@@ -98,6 +98,7 @@ class RoundedGroup:
         self, segments: list[Segment], seed: int, group: int, chunk: int | None = None
     ) -> None:
         chunk = update.CHUNK if chunk is None else chunk
+        self.segments = segments
         ref = segments[0].rows[0]
         self.k = len(segments[0].rows)
         self.seed, self.group = seed, group

@@ -96,6 +96,7 @@ class DirectGroup:
         self, segments: list[Segment], block: int | None = None, compiled: bool = False
     ) -> None:
         block = BLOCK if block is None else block
+        self.segments = segments
         self.k = len(segments[0].rows)
         order = [s for s in segments if isinstance(s.live, int)]
         order += [s for s in segments if not isinstance(s.live, int)]
@@ -138,6 +139,7 @@ class StagedGroup:
         self, segments: list[Segment], chunk: int | None = None, compiled: bool = False
     ) -> None:
         chunk = CHUNK if chunk is None else chunk
+        self.segments = segments
         ref = segments[0].rows[0]
         self.k = len(segments[0].rows)
         same_device = all(isinstance(s.live, int) or s.live.device == ref.device for s in segments)

@@ -22,24 +22,14 @@ def _kernels_of(ema: EMA, decay: float) -> Callable[[], None]:
     """The bare kernels of ``ema``'s one-average update: lerp of each flat run, one
     ``_foreach_lerp_`` per group of scattered tensors, copies of copied tensors."""
     w = 1.0 - decay
-    lerps = [
-        (g.rows[0][len(g.fresh) :], g.cached, g.rows[0][: len(g.fresh)], g.fresh)
-        for g in ema._groups
-    ]
-    lerp_lists = [
-        (runs, spans, rows, [ema._lives[i] for i in fresh]) for runs, spans, rows, fresh in lerps
-    ]
-    copies = [(g.rows[0], [ema._lives[i] for i in g.fresh] + g.cached) for g in ema._copy_groups]
+    lists = ema.update_lists()
 
     @torch.no_grad()
     def run() -> None:
-        for runs, spans, rows, lives in lerp_lists:
-            for row, span in zip(runs, spans):
-                row.lerp_(span, w)
-            if rows:
-                torch._foreach_lerp_(rows, lives, w)
-        for rows, lives in copies:
-            torch._foreach_copy_(rows, lives)
+        for avgs, sources in lists.averaged:
+            torch._foreach_lerp_(avgs, sources, w)
+        for dsts, sources in lists.copied:
+            torch._foreach_copy_(dsts, sources)
 
     return run
 
@@ -57,7 +47,8 @@ def python_overhead(shape: str, config: Any) -> dict[str, float]:
         ema = EMA(model, config.decay, flat_params=flat)
         kernels = _kernels_of(ema, config.decay)
         if flat:
-            assert all(not g.fresh for g in ema._groups), "the 1% model did not flatten"
+            lists = ema.update_lists().averaged
+            assert all(len(a) == 1 for a, _ in lists), "the 1% model did not flatten"
         diffs = []
         for _ in range(15):
             t0 = time.perf_counter()

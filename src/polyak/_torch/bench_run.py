@@ -133,7 +133,7 @@ def _polyak(
             e.update()
 
     flat_decays = tuple(decays) if isinstance(decays, (list, tuple)) else (decays,)
-    kernels = sum(g.kernels for e in emas for g in e._groups + e._copy_groups)
+    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)
     c = Candidate(name, "polyak", emas[0].update if count == 1 else update, averages, flat_decays)
     c.held = held
     c.extra["kernels"] = kernels
@@ -158,8 +158,8 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     (ema_flat,) = flat.extra["emas"]
     runs = [
         (row, span)
-        for g in ema_flat._groups
-        for row, span in zip(g.rows[0][len(g.fresh) :], g.cached)
+        for avgs, sources in ema_flat.update_lists().averaged
+        for row, span in zip(avgs, sources)
     ]
     n = sum(span.numel() for _, span in runs)
     dst = torch.zeros(n)
@@ -186,9 +186,8 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     ]
     out[0].held = 4 * n
     (ema,) = default.extra["emas"]
-    groups = [g for g in ema._groups if hasattr(g, "fresh") and not g.cached]
-    if groups and all(type(g).__name__ == "DirectGroup" for g in ema._groups):
-        lists = [(g.rows[0], [ema._lives[i] for i in g.fresh]) for g in groups]
+    lists = ema.update_lists().averaged
+    if all(a.dtype == x.dtype for avgs, sources in lists for a, x in zip(avgs, sources)):
 
         @torch.no_grad()
         def foreach() -> None:

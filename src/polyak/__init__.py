@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from polyak import schedules
 from polyak.array_ema import ArrayEMA
+from polyak.errors import ModelChangedError, NonFiniteError
 from polyak.kernels import ema_update, ema_update_
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ __all__ = [
     "EMA",
     "ArrayEMA",
     "EarlyStopping",
+    "ModelChangedError",
+    "NonFiniteError",
     "__version__",
     "ema_update",
     "ema_update_",

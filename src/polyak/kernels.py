@@ -122,14 +122,17 @@ def _np_lerp_(avg: np.ndarray, value: np.ndarray, weight: float) -> None:
     if weight == 1.0:
         np.copyto(avg, value, casting="unsafe")
         return
-    work = np.result_type(avg.dtype, np.float32)
+    work = np.result_type(avg.dtype, np.float32)  # float16 is computed in float32
     a = avg.astype(work, copy=False)
-    diff = np.asarray(value, dtype=work) - a
-    if weight < 0.5:
-        out = a + work.type(weight) * diff
-    else:
-        out = np.asarray(value, dtype=work) - diff * work.type(1.0 - weight)
-    np.copyto(avg, out, casting="unsafe")
+    v = np.asarray(value, dtype=work)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/nan propagate, as in torch
+        diff = v - a
+        if weight < 0.5:
+            diff *= work.type(weight)
+            np.add(a, diff, out=avg, casting="unsafe")
+        else:
+            diff *= work.type(1.0 - weight)
+            np.subtract(v, diff, out=avg, casting="unsafe")
 
 
 def ema_update_(avg: T, value: Any, decay: float) -> T:

@@ -106,7 +106,7 @@ def _install_hooks() -> None:
 class _Watch:
     """Says whether the model may have changed since the plan was made (module docstring)."""
 
-    def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: Sequence[int]):
+    def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: dict[int, Any]):
         _install_hooks()
         self.modules = frozenset(id(m) for m in root.modules())
         self.stale = False
@@ -123,7 +123,9 @@ class _Watch:
                 continue
             seen.add(ptr)
             self._refs.append(weakref.ref(storage, self._fire))
-        self._counts = [(p, _USE_COUNT(p)) for p in owned] if _USE_COUNT is not None else []
+        # StorageImpl pointers (not data pointers) of the flat buffers, and their use counts
+        impls = [b.untyped_storage()._cdata for b in owned.values()]
+        self._counts = [(p, _USE_COUNT(p)) for p in impls] if _USE_COUNT is not None else []
         self._owned_unwatched = bool(owned) and _USE_COUNT is None
         _WATCHES.add(self)
 
@@ -259,7 +261,7 @@ class Binding:
                 stacklevel=5,
             )
         self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
-        self.watch = _Watch(self.root, self.lives, list(self.owned))
+        self.watch = _Watch(self.root, self.lives, self.owned)
 
     def _gate(self, device: torch.device) -> Gate:
         if device not in self._gates:

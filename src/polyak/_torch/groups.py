@@ -24,10 +24,12 @@ and dtype. A group holds the group's :mod:`~polyak._torch.segments` and implemen
 In every group a decay of exactly 1 leaves its average alone (also where the live weights hold
 ``inf``/``nan``) and a decay of 0 copies.
 
-Skipping non-finite updates without a host sync (:class:`Gate`): the staged groups zero their
-scratch when the gate is closed and lerp with weights ``(1 - decay) * ok``, so a closed gate
-leaves every average exactly as it was (``avg + 0 * (0 - avg) == avg``) and an open one computes
-the ordinary update; ``ok`` never leaves the device.
+Skipping non-finite updates without a host sync (:class:`Gate`): the staged groups replace
+``inf``/``nan`` in their scratch by 0 (a no-op when the gate is open: every value is finite then)
+and lerp with weights ``(1 - decay) * ok``, so a closed gate leaves every average exactly as it
+was (``avg + 0 * (x - avg) == avg`` for a finite ``x``) and an open one computes the ordinary
+update; ``ok`` never leaves the device. (``masked_fill_`` with the 0-d flag would do the same
+but measured 5x slower than ``nan_to_num_`` here.)
 """
 
 from __future__ import annotations
@@ -240,8 +242,8 @@ class StagedGroup:
 
     def _stage(self, scratch: list[torch.Tensor], batch: list[Segment], used: torch.Tensor) -> None:
         torch._foreach_copy_(scratch, [p.read() for p in batch])
-        if self.gate is not None:
-            used.masked_fill_(self.gate.bad, 0)
+        if self.gate is not None:  # finite values pass; a closed gate's inf/nan become 0
+            torch.nan_to_num_(used, 0.0, 0.0, 0.0)
 
     def apply(self, decays: Sequence[float]) -> None:
         batches = self.batches

@@ -17,10 +17,12 @@ What the watch sees, at no per-update cost:
 
 Either marks the binding stale; the next update then re-reads the model once (:meth:`refresh`):
 a tensor with the same name, shape and module is followed (new storage, dtype or device: the
-plan is rebuilt), anything else raises :class:`polyak.ModelChangedError`. Two changes the watch
-cannot see (a tensor deleted with ``del module.weight`` or written straight into a module's
-``_parameters`` dict while something else keeps the old one alive) are found by the full check
-that :meth:`verify` runs before every swap, copy and state dict.
+plan is rebuilt), anything else raises :class:`polyak.ModelChangedError`. What the watch
+cannot see: a tensor deleted (``del module.weight``) or put straight into a module's
+``_parameters``/``_buffers`` dict without a new storage for the old one (``model.to(...)`` writes
+buffers that way, but also gives the parameters new storages, which the watch sees), and a
+replaced storage that something else still holds (it is not freed). The full check that
+:meth:`verify` runs before every swap, copy and module view finds those too.
 """
 
 from __future__ import annotations

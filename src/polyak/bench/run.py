@@ -1,4 +1,4 @@
-"""The measurements behind ``polyak bench`` (:mod:`polyak.bench` holds the config and CLI)."""
+"""The timed tables of ``polyak bench``: every candidate of a shape, and several averages."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyak._torch.bench_candidates import (
-    Candidate,
-    clone_model,
-    make_peer,
-    measure_update,
-    memory_of,
-)
-from polyak._torch.bench_models import build_model, describe
-from polyak._torch.bench_probes import python_overhead
-from polyak._torch.ema import EMA
+from polyak import EMA
+from polyak.bench.candidates import Candidate, clone_model, measure_update, memory_of
+from polyak.bench.models import build_model, describe
+from polyak.bench.peers import make_peer
+from polyak.bench.probes import python_overhead
 
 __all__ = ["Flusher", "run_multi", "run_shape", "time_interleaved"]
 
@@ -133,7 +128,7 @@ def _polyak(
             e.update()
 
     flat_decays = tuple(decays) if isinstance(decays, (list, tuple)) else (decays,)
-    kernels = sum(g.kernels for e in emas for g in e._groups + e._copy_groups)
+    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)  # launches: all averages
     c = Candidate(name, "polyak", emas[0].update if count == 1 else update, averages, flat_decays)
     c.held = held
     c.extra["kernels"] = kernels
@@ -156,11 +151,7 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     """
     w = 1.0 - decay
     (ema_flat,) = flat.extra["emas"]
-    runs = [
-        (row, span)
-        for g in ema_flat._groups
-        for row, span in zip(g.rows[0][len(g.fresh) :], g.cached)
-    ]
+    runs = [pair for avgs, spans in ema_flat.update_lists().averaged for pair in zip(avgs, spans)]
     n = sum(span.numel() for _, span in runs)
     dst = torch.zeros(n)
 
@@ -186,10 +177,9 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     ]
     out[0].held = 4 * n
     (ema,) = default.extra["emas"]
-    groups = [g for g in ema._groups if hasattr(g, "fresh") and not g.cached]
-    if groups and all(type(g).__name__ == "DirectGroup" for g in ema._groups):
-        lists = [(g.rows[0], [ema._lives[i] for i in g.fresh]) for g in groups]
-
+    lists = ema.update_lists().averaged
+    if all(a.dtype == s.dtype for avgs, sources in lists for a, s in zip(avgs, sources)):
+        # the very lists the update lerps (same dtypes: no staged cast); no copied tensors
         @torch.no_grad()
         def foreach() -> None:
             for avgs, lives in lists:

@@ -95,7 +95,8 @@ def _seed_agreement(plt: Any, results: dict[str, Any], path: Path) -> None:
         x = np.arange(len(names))
         ax.axhline(mean[0], color="k", lw=1, ls="--", label="live weights' level")
         err = std if pairs > 1 else None
-        ax.errorbar(x, mean, yerr=err, fmt="o", capsize=4, label=f"mean ± std over {pairs} pairs")
+        what = f"mean ± std over {pairs} pairs of seeds" if pairs > 1 else "one pair of seeds"
+        ax.errorbar(x, mean, yerr=err, fmt="o", capsize=4, label=what)
         ax.set_xticks(x, names, rotation=30, ha="right")
         pad = max(0.5, 0.15 * (mean.max() - mean.min()))
         ax.set_ylim(mean.min() - pad - (std.max() if err is not None else 0), mean.max() + 2 * pad)

@@ -111,3 +111,18 @@ def test_import_polyak_imports_numpy_only():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     heavy = {"torch", "sklearn", "matplotlib", "scipy", "jax"} & set(ast.literal_eval(done.stdout))
     assert not heavy
+
+
+def test_metrics_all_lists_every_public_function():
+    import inspect
+
+    from polyak import metrics
+
+    defined = {
+        name
+        for name, value in vars(metrics).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(value) or inspect.isclass(value))
+        and value.__module__ == metrics.__name__
+    }
+    assert set(metrics.__all__) == defined

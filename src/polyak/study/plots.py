@@ -71,11 +71,12 @@ def _reliability(
     ax.set(
         xlabel=f"mean confidence in bin ({bins_n} equal-mass bins)",
         ylabel="accuracy in bin",
-        title=f"Reliability, clean labels, seed {reliability['seed']}\n"
-        f"({results['dataset']['name']} test set; below the diagonal: overconfident)",
+        title=f"Reliability: {results['dataset']['name']} test set,\n"
+        f"clean labels, seed {reliability['seed']}",
         xlim=(0, 1.02),
         ylim=(0, 1.02),
     )
+    ax.text(0.98, 0.04, "below the diagonal:\noverconfident", ha="right", va="bottom")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._torch.naming import check_tensors
 from polyak.workflows._common import (
     check_count,
     check_module,
-    check_same_tensors,
     named_tensors,
 )
 
@@ -267,7 +267,7 @@ class EarlyStopping:
                 "(update(scores, models) or observe(name, score, model)) and keep_weights=True"
             )
         targets = named_tensors(model)
-        check_same_tensors(targets, self._state, "the best weights", type(model).__name__)
+        check_tensors(targets, self._state, f"the best weights ({type(model).__name__})")
         for n, t in targets.items():
             t.copy_(self._state[n])
         return self._best

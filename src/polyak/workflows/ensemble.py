@@ -9,13 +9,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from polyak._torch.naming import canonical_name
+from polyak._torch.naming import canonical_name, check_tensors
 from polyak.workflows._common import (
     Forward,
     check_forward,
     check_loader,
     check_module,
-    check_same_tensors,
     eval_mode,
     model_device,
     run_forward,
@@ -50,7 +49,7 @@ def _loaded(template: nn.Module, state: Mapping[str, Any], index: int) -> Iterat
     for name, t in template.state_dict(keep_vars=True).items():
         ours.setdefault(canonical_name(name), t)
     theirs = {canonical_name(k): v for k, v in state.items()}
-    check_same_tensors(ours, theirs, f"the state dict of member {index}", "the model template")
+    check_tensors(ours, theirs, f"the state dict of member {index}")
     seen: set[int] = set()
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:

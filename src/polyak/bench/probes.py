@@ -42,26 +42,33 @@ def flattened(ema: EMA) -> bool:
     return all(len(sources) == 1 for _, sources in ema.update_lists().averaged)
 
 
-def _overhead_s(ema: EMA, decay: float, chunks: int = 15, calls: int = 40) -> float:
-    """Median over interleaved chunks of (``calls`` updates - ``calls`` bare kernels) / calls."""
-    kernels = bare_kernels(ema, decay)
-    diffs = []
-    for _ in range(chunks):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            ema.update()
-        t1 = time.perf_counter()
-        for _ in range(calls):
-            kernels()
-        t2 = time.perf_counter()
-        diffs.append(((t1 - t0) - (t2 - t1)) / calls)
-    return statistics.median(diffs)
+def _overhead_s(ema: EMA, decay: float, pairs: int = 600) -> tuple[float, float]:
+    """Median over ``pairs`` back-to-back pairs of (one update - the same bare kernels), the
+    order alternating within the pairs: a slow spell of a shared machine hits both sides of a
+    pair, and neither side always runs on caches the other warmed. Also the median time of the
+    bare kernels alone."""
+    kernels, update, clock = bare_kernels(ema, decay), ema.update, time.perf_counter
+    for _ in range(20):  # warm up: first-call work is not Python overhead
+        update()
+        kernels()
+    diffs, bare = [], []
+    for i in range(pairs):
+        first, second = (update, kernels) if i % 2 else (kernels, update)
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        t_update, t_kernels = (t1 - t0, t2 - t1) if i % 2 else (t2 - t1, t1 - t0)
+        diffs.append(t_update - t_kernels)
+        bare.append(t_kernels)
+    return statistics.median(diffs), statistics.median(bare)
 
 
 def python_overhead(shape: str, config: Any) -> dict[str, float]:
     """Seconds an ``update()`` spends outside its kernels, for the default and the flat mode:
     a warm loop on ``shape`` at 1% of its width (the same tensors, so the same Python work),
-    ``update()`` minus the bare kernels of :func:`bare_kernels`, in interleaved chunks.
+    ``update()`` minus the bare kernels of :func:`bare_kernels`, paired call by call.
 
     At full size the kernels take milliseconds and vary by +-30% per call on a shared machine,
     so this is how the few-percent goals are checked: kernel time + this overhead."""
@@ -71,7 +78,7 @@ def python_overhead(shape: str, config: Any) -> dict[str, float]:
         ema = EMA(model, config.decay, flat_params=flat)
         if flat and not flattened(ema):
             raise RuntimeError(f"flat_params=True did not flatten the 1% {shape} model")
-        out[mode] = _overhead_s(ema, config.decay)
+        out[mode] = _overhead_s(ema, config.decay)[0]
     return out
 
 
@@ -79,10 +86,10 @@ def overhead_sweep(config: Any) -> dict[str, Any]:
     """Seconds of Python per ``update()`` against the number of tensors.
 
     Models of :data:`~polyak.bench.config.SWEEP_TENSORS` one-element float32 parameters, so the
-    kernels themselves cost next to nothing; for each, bare ``update()`` minus the same
-    ``torch._foreach_lerp_`` over its :meth:`polyak.EMA.update_lists` lists (medians of 15
-    interleaved chunks of 40 calls), for the default and the ``flat_params=True`` mode. Also the
-    bare kernels' own time, for scale.
+    kernels move next to no memory; for each, ``update()`` minus the same
+    ``torch._foreach_lerp_`` over its :meth:`polyak.EMA.update_lists` lists (the median over 600
+    back-to-back pairs, see :func:`_overhead_s`), for the default and the ``flat_params=True``
+    mode. Also the bare kernels' own time (default mode, median per call), for scale.
     """
     rows = []
     print(f"[sweep] Python overhead per update at {list(SWEEP_TENSORS)} tensors", flush=True)
@@ -90,14 +97,9 @@ def overhead_sweep(config: Any) -> dict[str, Any]:
         row: dict[str, Any] = {"tensors": count}
         for mode, flat in (("default", False), ("flat_params", True)):
             ema = EMA(one_element_tensors(count, config.seed), config.decay, flat_params=flat)
-            row[f"{mode}_s"] = _overhead_s(ema, config.decay)
+            row[f"{mode}_s"], kernels_s = _overhead_s(ema, config.decay)
             if not flat:
-                kernels = bare_kernels(ema, config.decay)
-                kernels()
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    kernels()
-                row["kernels_s"] = (time.perf_counter() - t0) / 200
+                row["kernels_s"] = kernels_s
         rows.append(row)
     return {"what": "update() minus the bare foreach_lerp_ over update_lists()", "rows": rows}
 

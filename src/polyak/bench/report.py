@@ -189,8 +189,8 @@ def sweep_table(sweep: dict[str, Any]) -> str:
         "### Python overhead per update against the tensor count",
         "",
         "Models of one-element float32 tensors; `update()` minus the same "
-        "`torch._foreach_lerp_` over its `update_lists()` lists (medians of 15 interleaved "
-        "chunks of 40 calls); `bare kernels`: those lists' own time per update.",
+        "`torch._foreach_lerp_` over its `update_lists()` lists (median over 600 back-to-back "
+        "pairs, the order alternating); `bare kernels`: those lists' own time per update.",
         "",
         "| tensors | default µs | flat_params µs | bare kernels µs |",
         "|---:|---:|---:|---:|",

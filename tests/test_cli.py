@@ -109,7 +109,7 @@ def test_help_describes_every_flag(capsys, monkeypatch):
         "timm-V3",
         "ema-pytorch-foreach",
         "default: 25",
-        "15-25 s",
+        "15 s on 2 idle cores",
     ):
         assert fragment in " ".join(text.split()), fragment
 

@@ -43,8 +43,8 @@ _SHAPE_HELP = (
     "transformer: 20M parameters in 399 tensors; mlp: 100M in 8 tensors; resnet50: 25.6M in "
     "161 tensors + 159 BatchNorm buffers; transformer-bf16: the transformer in bfloat16"
 )
-# Measured on the 2-core AMD EPYC these tools were developed on, while it was shared.
-_QUICK_SECONDS = "about 15-25 s on 2 cores"
+# Measured on a 2-core AMD EPYC: 15 s at load 1-2, 35 s while other jobs kept it at load 5-6.
+_QUICK_SECONDS = "about 15 s on 2 idle cores, 35 s on a busy machine"
 
 
 def _names(value: Any, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"a smoke run: models at 2%% width (same tensor counts), 3 rounds, no cache flush, "
-        f"no compile; {_QUICK_SECONDS} (measured on a shared machine)",
+        f"no compile; {_QUICK_SECONDS} (measured on a 2-core AMD EPYC)",
     )
     add(
         "--output-dir",

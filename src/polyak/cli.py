@@ -62,7 +62,7 @@ def _parser() -> _Parser:
         description="Train small networks with and without averaged weights on Fashion-MNIST "
         "(or scikit-learn's digits), with clean and with noisy labels, and on a regression "
         "task; write results.json, PNG plots and report.md to --out. The default protocol "
-        "takes 30-100 s on 2 cores.",
+        "takes 30 s on 2 idle cores, up to 2 minutes on a busy machine.",
     )
     study_arguments(study)
     bench = sub.add_parser(

@@ -21,11 +21,11 @@ from polyak.workflows._common import (
     preserved_rng,
 )
 from polyak.workflows._epoch import evaluate_all, evaluate_average, length, train_epoch
-from polyak.workflows._progress import Progress
 from polyak.workflows.bn import batchnorms, load_bn
 from polyak.workflows.bn import recompute_bn as _recompute_bn
 from polyak.workflows.early_stopping import EarlyStopping
 from polyak.workflows.evaluate import Metric, check_metrics
+from polyak.workflows.progress import Progress
 
 __all__ = ["train_with_ema"]
 

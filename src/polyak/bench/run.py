@@ -1,4 +1,4 @@
-"""The measurements behind ``polyak bench`` (:mod:`polyak.bench` holds the config and CLI)."""
+"""The timed tables of ``polyak bench``: every candidate of a shape, and several averages."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyak._torch.bench_candidates import (
-    Candidate,
-    clone_model,
-    make_peer,
-    measure_update,
-    memory_of,
-)
-from polyak._torch.bench_models import build_model, describe
-from polyak._torch.bench_probes import python_overhead
-from polyak._torch.ema import EMA
+from polyak import EMA
+from polyak.bench.candidates import Candidate, clone_model, measure_update, memory_of
+from polyak.bench.models import build_model, describe
+from polyak.bench.peers import make_peer
+from polyak.bench.probes import python_overhead
 
 __all__ = ["Flusher", "run_multi", "run_shape", "time_interleaved"]
 
@@ -133,7 +128,7 @@ def _polyak(
             e.update()
 
     flat_decays = tuple(decays) if isinstance(decays, (list, tuple)) else (decays,)
-    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)
+    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)  # launches: all averages
     c = Candidate(name, "polyak", emas[0].update if count == 1 else update, averages, flat_decays)
     c.held = held
     c.extra["kernels"] = kernels
@@ -156,11 +151,7 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     """
     w = 1.0 - decay
     (ema_flat,) = flat.extra["emas"]
-    runs = [
-        (row, span)
-        for avgs, sources in ema_flat.update_lists().averaged
-        for row, span in zip(avgs, sources)
-    ]
+    runs = [pair for avgs, spans in ema_flat.update_lists().averaged for pair in zip(avgs, spans)]
     n = sum(span.numel() for _, span in runs)
     dst = torch.zeros(n)
 
@@ -187,8 +178,8 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     out[0].held = 4 * n
     (ema,) = default.extra["emas"]
     lists = ema.update_lists().averaged
-    if all(a.dtype == x.dtype for avgs, sources in lists for a, x in zip(avgs, sources)):
-
+    if all(a.dtype == s.dtype for avgs, sources in lists for a, s in zip(avgs, sources)):
+        # the very lists the update lerps (same dtypes: no staged cast); no copied tensors
         @torch.no_grad()
         def foreach() -> None:
             for avgs, lives in lists:

@@ -244,6 +244,17 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 est <= 1.10,
                 f"{est:.3f}x (kernel + {over.get('default', 0) * 1e6:.0f} us); timed {r:.2f}x",
             )
+        for mode in ("raise", "skip"):
+            row = rows.get(f"polyak nonfinite={mode}")
+            if default and row:
+                r = ratio(row, default)
+                add(
+                    f"nonfinite={mode!r} / default update, {shape}",
+                    "measured",
+                    r,
+                    None,
+                    f"{r:.2f}x",
+                )
         best = _fastest_peer(s["rows"])
         if default and best and shape == "transformer":
             r = ratio(best, default)

@@ -99,6 +99,7 @@ def _polyak(
     flat: bool = False,
     count: int = 1,
     compiled: bool = False,
+    nonfinite: str = "propagate",
 ) -> Candidate:
     """``count`` polyak EMAs on ``model`` updated together (one candidate)."""
     names = [n for n, _ in model.named_parameters()]
@@ -106,9 +107,10 @@ def _polyak(
     def build() -> list[EMA]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            kw = {"flat_params": flat, "compile_update": compiled, "nonfinite": nonfinite}
             if count == 1:
-                return [EMA(model, decays, flat_params=flat, compile_update=compiled)]
-            return [EMA(model, d, flat_params=flat, compile_update=compiled) for d in decays]
+                return [EMA(model, decays, **kw)]
+            return [EMA(model, d, **kw) for d in decays]
 
     # what an EMA holds is its storage: the profiler would also count flat_params moving the
     # weights into a new buffer, but not the freeing of their old storage (allocated earlier)
@@ -302,6 +304,10 @@ def run_shape(shape: str, config: Any, flush: Callable[[], None]) -> dict[str, A
             )
         models += [fp32, fp32]
         extra_models = [fp32, fp32_flat]
+    if shape == "transformer":  # what guarding against inf/nan costs per update
+        for mode in ("raise", "skip"):
+            cands.append(_polyak(f"polyak nonfinite={mode}", model, decay, nonfinite=mode))
+            models.append(model)
     base = 2 if shape == "transformer-bf16" else 0  # the fp32 model's candidates there
     refs = _references(cands[base], cands[base + 1], decay)
     skipped: dict[str, str] = {}

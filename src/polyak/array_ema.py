@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from polyak._names import check_names
+from polyak._state import check_header
 from polyak._timeline import Timeline, TimelineViews
 from polyak._tree import flatten, rebuild
 from polyak.errors import NonFiniteError
@@ -227,16 +228,8 @@ class ArrayEMA(TimelineViews):
 
         The averages keep their dtype (values are cast into it).
         """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"a state dict must be a mapping, got {type(state).__name__}")
-        if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(
-                f"not an {_FORMAT} v{_VERSION} state dict: format={state.get('format')!r}, "
-                f"version={state.get('version')!r}"
-            )
-        for key in ("init", "paths", "timeline", "averages", "leftover", "initial"):
-            if key not in state:
-                raise ValueError(f"the state dict has no {key!r} field")
+        fields = ("init", "paths", "timeline", "averages", "leftover", "initial")
+        state = check_header(state, _FORMAT, _VERSION, fields)
         if state["init"] != self._init:
             raise ValueError(f"saved with init={state['init']!r}, this one has {self._init!r}")
         if list(state["paths"]) != self._paths:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from polyak._names import check_names
+from polyak._state import check_header
 from polyak._timeline import Timeline
 from polyak._torch.naming import canonical_name
 from polyak._torch.sharding import ShardInfo, full_tensor, take_shard
@@ -134,16 +135,7 @@ def stage(
     Raises:
         TypeError, ValueError, NonFiniteError: naming the field, average or tensor at fault.
     """
-    if not isinstance(state, Mapping):
-        raise TypeError(f"a state dict must be a mapping, got {type(state).__name__}")
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise ValueError(
-            f"not a {FORMAT} v{VERSION} state dict (format={state.get('format')!r}, "
-            f"version={state.get('version')!r})"
-        )
-    for key in ("timeline", "averages", "copied"):
-        if key not in state:
-            raise ValueError(f"the state dict has no {key!r} field; it is not a whole checkpoint")
+    state = check_header(state, FORMAT, VERSION, ("timeline", "averages", "copied"))
     saved = state["averages"]
     if not isinstance(saved, Mapping):
         raise TypeError(f"the state dict's 'averages' must be a mapping, got {saved!r:.80}")

@@ -107,10 +107,11 @@ def _polyak(
     def build() -> list[EMA]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            kw = {"flat_params": flat, "compile_update": compiled, "nonfinite": nonfinite}
-            if count == 1:
-                return [EMA(model, decays, **kw)]
-            return [EMA(model, d, **kw) for d in decays]
+            per_ema = [decays] if count == 1 else list(decays)
+            return [
+                EMA(model, d, flat_params=flat, compile_update=compiled, nonfinite=nonfinite)
+                for d in per_ema
+            ]
 
     # what an EMA holds is its storage: the profiler would also count flat_params moving the
     # weights into a new buffer, but not the freeing of their old storage (allocated earlier)

@@ -220,6 +220,22 @@ def test_jit_traces_once_and_never_transfers_to_the_host():
     assert int(state.step) == 12 and int(state.num_updates) == 4
 
 
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_a_donated_state_is_updated_in_place_step_after_step(update_every):
+    params = tree_of(rng.normal(size=4))
+    fresh = pj.init(params, {"a": 0.9, "b": S.uniform()}, update_every=update_every)
+    step = jax.jit(pj.update, donate_argnums=0)
+    for state in (pj.load_state_dict(fresh, pj.state_dict(fresh)), fresh):
+        # a state holding one buffer twice cannot be donated
+        pointers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)}
+        assert len(pointers) == len(jax.tree.leaves(state))
+        for k in range(7):
+            state = step(state, tree_of(np.full(4, float(k))))
+        # the uniform average of 0..6, or of the values at steps 3 and 6 (2 and 5)
+        mean = 3.0 if update_every == 1 else 3.5
+        np.testing.assert_allclose(pj.average(state, "b")["w"], mean, rtol=1e-6)
+
+
 def test_eager_updates_reuse_one_compiled_update():
     from polyak.jax import _update
 

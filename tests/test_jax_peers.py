@@ -50,6 +50,20 @@ def test_constant_decay_matches_optax_incremental_update_and_the_reference():
         np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6)
 
 
+def test_a_constant_input_is_a_fixed_point_where_optax_drifts():
+    x = jnp.asarray(rng.normal(size=4096), jnp.float32)
+    decay = {"c": 0.9999, "w": S.warmup(0.9999), "p": S.power(sigma_rel=0.05)}
+    state, theirs = pj.init({"w": x}, decay), x
+    step = jax.jit(pj.update)
+    for _ in range(50):
+        state = step(state, {"w": x})
+        theirs = optax.incremental_update(x, theirs, step_size=1 - 0.9999)
+    for name in decay:
+        np.testing.assert_array_equal(pj.average(state, name)["w"], x)
+    # (1 - s) * avg + s * x rounds twice: the average walks away from a value it already holds
+    assert (np.asarray(theirs) != np.asarray(x)).mean() > 0.01
+
+
 def test_constant_decay_matches_flax_nnx_ema_on_an_nnx_module():
     assert hasattr(nnx, "EMA"), "this flax has no nnx.EMA"
     model = MLP(nnx.Rngs(0))
@@ -132,6 +146,17 @@ def test_ema_of_params_inside_nnx_optimizer_and_the_swap():
     with pj.swapped(model, optimizer.opt_state):
         np.testing.assert_array_equal(model.l2.kernel[...], avg["l2"]["kernel"][...])
     np.testing.assert_array_equal(model.l2.kernel[...], live["l2"]["kernel"][...])
+
+
+def test_readme_jax_block_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## JAX\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README jax", "exec"), scope)
+    assert int(scope["ema"].step) == 100 and scope["ema"].names == ("ema", "edm2")
+    assert scope["avg"]["w"].shape == (10, 1)
 
 
 def _snapshot(model):

@@ -144,9 +144,10 @@ def init(
     if not leaves:
         raise ValueError(f"params holds no arrays to average (tree {treedef})")
     averages = tuple(jax.tree.unflatten(treedef, [_start(x) for x in leaves]) for _ in spec.names)
-    zero = jnp.zeros((), jnp.int32)
     nan = jnp.full((len(spec.names),), jnp.nan, jnp.result_type(float))
-    return EMAState(averages, zero, zero, zero, nan, spec)
+    # three arrays, not one shared: a donated state must not hold a buffer twice
+    step, last, count = (jnp.zeros((), jnp.int32) for _ in range(3))
+    return EMAState(averages, step, last, count, nan, spec)
 
 
 def find_state(tree: Any) -> EMAState:

@@ -332,6 +332,7 @@ def test_load_errors_name_the_problem_and_change_nothing():
         (lambda: pj.update(_s(), {"w": jnp.zeros(3)}), ValueError, r"params\['w'\]: shape"),
         (lambda: pj.update(_s(), {"w": jnp.zeros(2, jnp.int32)}), TypeError, "averages a float32"),
         (lambda: pj.update(_s(), [jnp.zeros(2)]), ValueError, "params do not match"),
+        (lambda: pj.update(_s(), {"w": "ab"}), TypeError, r"params\['w'\]: a str is not an array"),
         (lambda: pj.update(_s(), {"w": jnp.zeros(2)}, steps=0), ValueError, "steps must be >= 1"),
         (lambda: pj.update(_s(), {"w": jnp.zeros(2)}, steps=1.5), TypeError, "steps must be"),
         (lambda: pj.average(_s(), "slow"), KeyError, "no average named 'slow'"),

@@ -148,6 +148,19 @@ def test_ema_of_params_inside_nnx_optimizer_and_the_swap():
     np.testing.assert_array_equal(model.l2.kernel[...], live["l2"]["kernel"][...])
 
 
+def test_an_equinox_model_s_arrays_and_a_named_error_for_the_rest():
+    eqx = pytest.importorskip("equinox", reason="the Equinox test needs equinox")
+    model = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    state = pj.update(pj.init(params, 0.9), jax.tree.map(lambda x: x + 1.0, params))
+    averaged = eqx.combine(pj.average(state), static)
+    for a, p in zip(jax.tree.leaves(eqx.filter(averaged, eqx.is_array)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, p + 0.1, rtol=1e-6)
+    assert averaged(jnp.ones(4)).shape == (2,)
+    with pytest.raises(TypeError, match=r"params\.activation: a custom_jvp is not an array"):
+        pj.init(model, 0.9)
+
+
 def test_readme_jax_block_runs():
     from pathlib import Path
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from polyak._timeline import Timeline
 from polyak.jax._decays import Twin, twin
 from polyak.schedules import Schedule
 
-__all__ = ["EMAState", "average", "find_state", "init", "is_averaged"]
+__all__ = ["EMAState", "average", "find_state", "init", "is_averaged", "leaf_dtype"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,26 @@ def is_averaged(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
-def _start(x: Any) -> jax.Array:
+def leaf_dtype(x: Any) -> Any:
+    """The dtype of a leaf that is an array or a number, else ``None``."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+        return jnp.result_type(x)
+    return None
+
+
+def not_an_array(x: Any, path: str) -> TypeError:
+    return TypeError(
+        f"params{path}: a {type(x).__name__} is not an array; pass the arrays only, e.g. "
+        "nnx.state(model, nnx.Param) or eqx.filter(model, eqx.is_array)"
+    )
+
+
+def _start(x: Any, path: Any) -> jax.Array:
     """A copy of one leaf in the dtype its average keeps (never an alias: the caller may donate
     the params' buffers to its next step)."""
-    dtype = jnp.result_type(x)
+    dtype = leaf_dtype(x)
+    if dtype is None:
+        raise not_an_array(x, jax.tree_util.keystr(path))
     if is_averaged(dtype):
         dtype = jnp.promote_types(dtype, jnp.float32)
     return jnp.array(x, dtype=dtype, copy=True)
@@ -140,10 +157,12 @@ def init(
         the Training Dynamics of Diffusion Models", CVPR 2024 (power averages over gaps).
     """
     spec = Spec.build(Timeline(decay, update_every=update_every, start_step=start_step))
-    leaves, treedef = jax.tree.flatten(params)
-    if not leaves:
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not pairs:
         raise ValueError(f"params holds no arrays to average (tree {treedef})")
-    averages = tuple(jax.tree.unflatten(treedef, [_start(x) for x in leaves]) for _ in spec.names)
+    averages = tuple(
+        jax.tree.unflatten(treedef, [_start(x, path) for path, x in pairs]) for _ in spec.names
+    )
     nan = jnp.full((len(spec.names),), jnp.nan, jnp.result_type(float))
     # three arrays, not one shared: a donated state must not hold a buffer twice
     step, last, count = (jnp.zeros((), jnp.int32) for _ in range(3))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from polyak.jax._state import EMAState, Spec, is_averaged
+from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, not_an_array
 
 __all__ = ["update"]
 
@@ -60,15 +60,19 @@ def matching_leaves(state: EMAState, params: Any) -> list[Any]:
         )
         raise ValueError(f"params do not match the average's tree: {detail}")
     for i, (x, avg) in enumerate(zip(leaves, ref_leaves)):
+        dtype = leaf_dtype(x)
+        if dtype is None:
+            raise not_an_array(x, _paths(reference)[i])
         if jnp.shape(x) != avg.shape:
-            path = _paths(reference)[i]
-            raise ValueError(f"params{path}: shape {jnp.shape(x)}, but the average has {avg.shape}")
-        dtype = jnp.result_type(x)
+            raise ValueError(
+                f"params{_paths(reference)[i]}: shape {jnp.shape(x)}, but the average has "
+                f"{avg.shape}"
+            )
         if is_averaged(dtype) != is_averaged(avg.dtype):
-            path = _paths(reference)[i]
+            kept = "averages" if is_averaged(avg.dtype) else "copies"
             raise TypeError(
-                f"params{path}: dtype {dtype}, but the average "
-                f"{'averages' if is_averaged(avg.dtype) else 'copies'} a {avg.dtype} leaf here"
+                f"params{_paths(reference)[i]}: dtype {dtype}, but the average {kept} a "
+                f"{avg.dtype} leaf here"
             )
     return leaves
 

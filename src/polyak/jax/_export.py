@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polyak.jax._state import EMAState, Spec, find_state
+from polyak.jax._state import EMAState, Spec, find_state, leaf_paths
 
 __all__ = ["load_state_dict", "state_dict"]
 
@@ -29,10 +29,6 @@ def _is_key(x: Any) -> bool:
 
 def _to_numpy(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.random.key_data(x) if _is_key(x) else x).copy()
-
-
-def _paths(tree: Any) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def state_dict(state: Any) -> dict[str, Any]:
@@ -59,7 +55,7 @@ def state_dict(state: Any) -> dict[str, Any]:
     return {
         "format": _FORMAT,
         "version": _VERSION,
-        "paths": _paths(state.averages[0]),
+        "paths": leaf_paths(state.averages[0]),
         "timeline": timeline.state_dict(),
         "averages": {
             n: [_to_numpy(x) for x in jax.tree.leaves(avg)]
@@ -107,7 +103,7 @@ def load_state_dict(template: EMAState, state: Mapping[str, Any]) -> EMAState:
             f"not a {_FORMAT} v{_VERSION} state dict: format={state.get('format')!r}, "
             f"version={state.get('version')!r}"
         )
-    paths = _paths(template.averages[0])
+    paths = leaf_paths(template.averages[0])
     if list(state["paths"]) != paths:
         missing = [p for p in paths if p not in set(state["paths"])]
         extra = [p for p in state["paths"] if p not in set(paths)]

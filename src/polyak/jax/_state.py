@@ -21,7 +21,16 @@ from polyak._timeline import Timeline
 from polyak.jax._decays import Twin, twin
 from polyak.schedules import Schedule
 
-__all__ = ["EMAState", "average", "find_state", "init", "is_averaged", "leaf_dtype"]
+__all__ = [
+    "EMAState",
+    "average",
+    "find_state",
+    "init",
+    "is_averaged",
+    "leaf_dtype",
+    "leaf_paths",
+    "not_an_array",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,11 @@ def leaf_dtype(x: Any) -> Any:
     if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)):
         return jnp.result_type(x)
     return None
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """``keystr`` of every leaf's path, in leaf order (``"['blocks'][0]['w']"``)."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def not_an_array(x: Any, path: str) -> TypeError:

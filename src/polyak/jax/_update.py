@@ -15,26 +15,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, not_an_array
+from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, leaf_paths, not_an_array
 
 __all__ = ["update"]
-
-
-def _paths(tree: Any) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _check_steps(steps: Any) -> None:
     if isinstance(steps, jax.core.Tracer):
         return  # traced: the caller vouches for >= 1
-    if isinstance(steps, bool) or jnp.ndim(steps) != 0:
-        raise TypeError(f"steps must be an integer >= 1, got {steps!r}")
     try:
+        if isinstance(steps, bool):
+            raise TypeError
         value = operator.index(steps)
     except TypeError:
-        if not (hasattr(steps, "dtype") and jnp.issubdtype(steps.dtype, jnp.integer)):
-            raise TypeError(f"steps must be an integer >= 1, got {steps!r}") from None
-        value = int(steps)
+        raise TypeError(f"steps must be an integer >= 1, got {steps!r}") from None
     if value < 1:
         raise ValueError(f"steps must be >= 1, got {value}")
 
@@ -50,7 +44,7 @@ def matching_leaves(state: EMAState, params: Any) -> list[Any]:
     leaves, treedef = jax.tree.flatten(params)
     ref_leaves, ref_def = jax.tree.flatten(reference)
     if treedef != ref_def:  # type: ignore[operator]
-        have, want = _paths(params), _paths(reference)
+        have, want = leaf_paths(params), leaf_paths(reference)
         missing = [p for p in want if p not in set(have)]
         extra = [p for p in have if p not in set(want)]
         detail = (
@@ -62,16 +56,16 @@ def matching_leaves(state: EMAState, params: Any) -> list[Any]:
     for i, (x, avg) in enumerate(zip(leaves, ref_leaves)):
         dtype = leaf_dtype(x)
         if dtype is None:
-            raise not_an_array(x, _paths(reference)[i])
+            raise not_an_array(x, leaf_paths(reference)[i])
         if jnp.shape(x) != avg.shape:
             raise ValueError(
-                f"params{_paths(reference)[i]}: shape {jnp.shape(x)}, but the average has "
+                f"params{leaf_paths(reference)[i]}: shape {jnp.shape(x)}, but the average has "
                 f"{avg.shape}"
             )
         if is_averaged(dtype) != is_averaged(avg.dtype):
             kept = "averages" if is_averaged(avg.dtype) else "copies"
             raise TypeError(
-                f"params{_paths(reference)[i]}: dtype {dtype}, but the average {kept} a "
+                f"params{leaf_paths(reference)[i]}: dtype {dtype}, but the average {kept} a "
                 f"{avg.dtype} leaf here"
             )
     return leaves

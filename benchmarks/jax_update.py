@@ -154,6 +154,11 @@ def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def ratio_iqr(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4)
+    return q1, q3
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -211,6 +216,7 @@ def section(inner: int, rounds: int, width: int, seed: int, flush: Callable[[], 
                 # minimal traffic: read the weights, read and write the float32 average
                 "gb_s": (10 if bf16 else 12) * n / med / 1e9,
                 "x_floor": ratio(times, c.name, floor),
+                "x_floor_iqr": ratio_iqr(times, c.name, floor),
                 "floor": floor,
                 "dispatch_s": None if dispatch is None else statistics.median(dispatch[c.name]),
                 "samples_s": times[c.name],
@@ -269,10 +275,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"layout), decay {DECAY}, {result['rounds']} interleaved rounds in a shuffled order, "
         "caches flushed (a 512 MiB read) before each call, every state donated (updated in "
         "place). The machine is shared with other engineers working at the same time: absolute "
-        "times vary, the paired per-round ratios much less. `x floor`: median of per-round "
-        "ratios to one fused lerp over a flat array of the same size and weights' dtype (the "
-        "memory floor). GB/s: minimal traffic (read the weights, read and write the float32 "
-        "average) / median time.",
+        "times vary, the paired per-round ratios much less. `x floor`: median (and quartiles) "
+        "of per-round ratios to one fused lerp over a flat array of the same size and weights' "
+        "dtype (the memory floor). GB/s: minimal traffic (read the weights, read and write the "
+        "float32 average) / median time.",
         "",
     ]
     for sec in result["sections"]:
@@ -294,15 +300,16 @@ def markdown(result: dict[str, Any]) -> str:
                 "the step's computation. Each iteration scales the weights by `1 + i * 1e-9` "
                 "(fused into the update: no extra traffic), as a train step changes them.",
             ]
-        head = "| candidate | median ms | IQR ms | GB/s | x floor |"
-        rule = "|---|---:|---:|---:|---:|"
+        head = "| candidate | median ms | IQR ms | GB/s | x floor | x floor IQR |"
+        rule = "|---|---:|---:|---:|---:|---:|"
         if k == 1:
             head, rule = head + " call at 1% width, us |", rule + "---:|"
         lines += ["", head, rule]
         for r in sec["rows"]:
             row = (
                 f"| {r['name']} | {r['median_s'] * 1e3:.2f} | {r['iqr_s'] * 1e3:.2f} | "
-                f"{r['gb_s']:.1f} | {r['x_floor']:.3f} |"
+                f"{r['gb_s']:.1f} | {r['x_floor']:.3f} | "
+                f"{r['x_floor_iqr'][0]:.2f}-{r['x_floor_iqr'][1]:.2f} |"
             )
             lines.append(row + (f" {r['dispatch_s'] * 1e6:.0f} |" if k == 1 else ""))
         lines += ["", "| ratio | value |", "|---|---:|"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -171,6 +172,17 @@ def test_integer_and_key_leaves_are_copied_and_float16_is_averaged_in_float32():
     np.testing.assert_array_equal(avg["n"], [7, 8, 9])
     assert not bool(avg["flag"])
     assert (jax.random.key_data(avg["key"]) == jax.random.key_data(jax.random.key(5))).all()
+
+
+def test_numpy_and_python_leaves_are_taken_as_jax_would_take_them():
+    params = {"np64": np.ones(3), "py": 2.0, "n": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "float64 is not available" warning
+        state = pj.update(pj.init(params, 0.5), {"np64": np.zeros(3), "py": 4.0, "n": 5})
+    avg = pj.average(state)
+    assert avg["np64"].dtype == jnp.result_type(float) and avg["n"].dtype == jnp.result_type(int)
+    np.testing.assert_array_equal(avg["np64"], [0.5] * 3)
+    assert float(avg["py"]) == 3.0 and int(avg["n"]) == 5
 
 
 def test_the_average_copies_the_params_and_decay_zero_copies_bit_for_bit():

@@ -102,7 +102,11 @@ def is_averaged(dtype: Any) -> bool:
 
 def leaf_dtype(x: Any) -> Any:
     """The dtype of a leaf that is an array or a number, else ``None``."""
-    if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+    if isinstance(x, jax.Array):
+        return x.dtype
+    if isinstance(x, (np.ndarray, np.generic)):  # float64 is float32 unless jax_enable_x64
+        return jax.dtypes.canonicalize_dtype(x.dtype)
+    if isinstance(x, (int, float, complex)):
         return jnp.result_type(x)
     return None
 

@@ -269,6 +269,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['cores']} cores, devices {m['devices']}, Python {m['python']}",
         ", ".join(f"{k} {x}" for k, x in v.items()),
         f"load average (1/5/15 min) before {load}, after {load_after}",
+        f"$ {result['command']}",
         "```",
         "",
         f"{result['params'] / 1e6:.1f}M parameters in {result['leaves']} leaves (a GPT-like "
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 5")
     width, rounds = (20, 5) if args.quick else (208, args.rounds)
     result = run(rounds, width, args.seed)
+    result["command"] = " ".join(["python", "benchmarks/jax_update.py", *sys.argv[1:]])
     os.makedirs(args.output_dir, exist_ok=True)
     base = os.path.join(args.output_dir, _stem(result))
     with open(base + ".json", "w") as f:

@@ -148,6 +148,27 @@ def test_ema_of_params_inside_nnx_optimizer_and_the_swap():
     np.testing.assert_array_equal(model.l2.kernel[...], live["l2"]["kernel"][...])
 
 
+def test_a_whole_nnx_module_with_rng_keys_exports_to_numpy_and_back():
+    model = MLP(nnx.Rngs(0, dropout=1))
+    template = pj.init(model, {"a": 0.9, "b": S.power(gamma=1.0)})
+    nnx.update(model, _perturbed(nnx.state(model, nnx.Param)))
+    model.drop.rngs()  # the RNG state moves on: its copy in the average follows
+    state = pj.update(template, model)
+    sd = pj.state_dict(state)
+    assert all(isinstance(a, np.ndarray) for a in sd["averages"]["a"])
+    back = pj.load_state_dict(template, sd)
+
+    def plain(x):
+        return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(plain(a), plain(b))
+    copied = pj.average(back, "b").drop.rngs.count[...]
+    assert int(copied) == int(model.drop.rngs.count[...]) == 1
+
+
 def test_an_equinox_model_s_arrays_and_a_named_error_for_the_rest():
     eqx = pytest.importorskip("equinox", reason="the Equinox test needs equinox")
     model = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.key(0))

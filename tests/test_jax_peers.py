@@ -169,6 +169,22 @@ def test_a_whole_nnx_module_with_rng_keys_exports_to_numpy_and_back():
     assert int(copied) == int(model.drop.rngs.count[...]) == 1
 
 
+def test_orbax_saves_the_state_and_restores_it_into_the_shape_of_init(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint", reason="the Orbax test needs orbax-checkpoint")
+    params = {"w": jnp.ones((4, 3), jnp.bfloat16), "n": jnp.int32(3)}
+    decay = {"a": 0.9, "b": S.power(gamma=1.0)}
+    state = pj.update(pj.init(params, decay, update_every=2), params)
+    state = pj.update(state, {"w": jnp.zeros((4, 3), jnp.bfloat16), "n": jnp.int32(4)})
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ema", state)
+    checkpointer.wait_until_finished()
+    abstract = jax.eval_shape(lambda: pj.init(params, decay, update_every=2))
+    back = checkpointer.restore(tmp_path / "ema", abstract)
+    assert isinstance(back, pj.EMAState) and back.spec == state.spec
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_an_equinox_model_s_arrays_and_a_named_error_for_the_rest():
     eqx = pytest.importorskip("equinox", reason="the Equinox test needs equinox")
     model = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.key(0))

@@ -69,6 +69,15 @@ class EMAState:
         num_updates: how many updates changed the averages.
         last_decays: the decay each average received at its last update (NaN before any).
         spec: static description: names, schedules, ``update_every``, ``start_step``.
+
+    Each update applies ``avg <- avg + (1 - decay_t) * (value - avg)`` to every floating leaf of
+    every average (see :func:`polyak.jax.update`).
+
+    Example:
+        >>> import jax.numpy as jnp, polyak.jax as pj
+        >>> state = pj.init({"w": jnp.zeros(2)}, decay=[0.9, 0.99], update_every=2)
+        >>> state.names, int(state.step), state.spec.update_every
+        (('0.9', '0.99'), 0, 2)
     """
 
     averages: tuple[Any, ...]

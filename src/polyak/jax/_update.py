@@ -157,6 +157,10 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
         ...     state = step(state, {"w": jnp.full(2, x)})
         >>> pj.average(state)["w"]                      # the mean of 1, 2, 3
         Array([2., 2.], dtype=float32)
+
+    References:
+        Morales-Brotons, Vogels & Hendrikx, TMLR 2024, App. F (``decay**k`` when updating every
+        ``k`` steps); Karras et al., CVPR 2024, Eq. 2 (power averages over a gap).
     """
     if not isinstance(state, EMAState):
         raise TypeError(f"state must be a polyak.jax EMAState (from pj.init), got {type(state)}")

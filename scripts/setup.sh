@@ -3,7 +3,7 @@
 #   bash scripts/setup.sh          # the library, torch and the study's dependencies
 #   bash scripts/setup.sh --test   # ... plus test, lint and peer libraries (torch_ema, ema-pytorch,
 #                                  #     diffusers, timm) for the differential tests, and JAX
-#                                  #     (jax, optax, flax: polyak.jax and its peers)
+#                                  #     (jax, optax, flax, equinox: polyak.jax and its peers)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail

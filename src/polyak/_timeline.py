@@ -26,7 +26,7 @@ from warnings import warn
 from polyak._names import check_names
 from polyak.schedules import Schedule, as_schedule
 
-__all__ = ["Plan", "Timeline", "TimelineViews", "parse_decays"]
+__all__ = ["Plan", "Timeline", "TimelineViews", "parse_decays", "row_of"]
 
 
 def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
@@ -234,11 +234,20 @@ class TimelineViews:
 
     def _row(self, name: str | None) -> int:
         """Index of average ``name``; ``None`` picks the only one (an error when several)."""
-        names = self._timeline.names
-        if name is None:
-            if len(names) > 1:
-                raise ValueError(f"several averages are kept; name one of {list(names)}")
-            return 0
-        if name not in names:
-            raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
-        return names.index(name)
+        return row_of(self._timeline.names, name)
+
+
+def row_of(names: Sequence[str], name: str | None) -> int:
+    """Position of average ``name`` in ``names``; ``None`` picks the only one.
+
+    Raises:
+        ValueError: ``None`` while several averages are kept.
+        KeyError: no average has that name (the message lists them).
+    """
+    if name is None:
+        if len(names) > 1:
+            raise ValueError(f"several averages are kept; name one of {list(names)}")
+        return 0
+    if name not in names:
+        raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
+    return list(names).index(name)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polyak._timeline import Timeline
+from polyak._timeline import Timeline, row_of
 from polyak.jax._decays import Twin, twin
 from polyak.schedules import Schedule
 
@@ -225,14 +225,7 @@ def find_state(tree: Any) -> EMAState:
 
 def index(state: EMAState, name: str | None) -> int:
     """Position of average ``name``; ``None`` picks the only one (an error when several)."""
-    names = state.spec.names
-    if name is None:
-        if len(names) > 1:
-            raise ValueError(f"several averages are kept; name one of {list(names)}")
-        return 0
-    if name not in names:
-        raise KeyError(f"no average named {name!r}; the averages are {list(names)}")
-    return names.index(name)
+    return row_of(state.spec.names, name)
 
 
 def average(state: Any, name: str | None = None) -> Any:

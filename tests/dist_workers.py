@@ -141,7 +141,9 @@ def swap_and_check(rank: int, world: int, out: str) -> None:
     set_weights_(model, 2)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        live = model(x)
+        live = model(x)  # leaves FSDP2's full weights registered
+    late = polyak.EMA(model, 0.5)  # built now: it must take the shards, not the full weights
+    late.update()
     with ema.swapped(model), torch.no_grad():
         averaged = model(x)
     with torch.no_grad():
@@ -149,7 +151,14 @@ def swap_and_check(rank: int, world: int, out: str) -> None:
     full = ema.full_state_dict()
     if rank == 0:
         torch.save(
-            {"live": live, "averaged": averaged, "live_again": live_again, "full": full}, out
+            {
+                "live": live,
+                "averaged": averaged,
+                "live_again": live_again,
+                "full": full,
+                "late_sharded": late.sharded,
+            },
+            out,
         )
 
 

@@ -43,6 +43,7 @@ def test_fsdp2_swapped_evaluation_uses_the_average_and_restores(tmp_path):
     spawn(tmp_path, swap_and_check, str(out))
     res = torch.load(out, weights_only=True)
     assert torch.equal(res["live"], res["live_again"])
+    assert res["late_sharded"]  # an EMA built after a no_grad forward averages the shards
     plain = net()
     ema = polyak.EMA(plain, 0.5)
     ema.load_state_dict(res["full"])

@@ -442,3 +442,22 @@ def test_update_lists_are_the_update_kernels():
                 assert torch.equal(ours[n], theirs[n]), (flat, name, n)
         assert ema.update_lists("0.9").launches >= 1
     assert len(polyak.EMA(model, flat_params=True).update_lists().averaged[0][0]) == 1
+
+
+def test_averaged_state_dict_is_the_state_dict_inside_swapped():
+    from torch_helpers import Tied
+
+    for model in (bn_net(), Tied()):
+        ema = polyak.EMA(model, 0.5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update()
+        got = ema.averaged_state_dict()
+        with ema.swapped(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {k: v.clone() for k, v in model.state_dict().items()}
+        assert got.keys() == expected.keys()
+        for k in got:
+            assert torch.equal(got[k], expected[k]), k
+        assert not ema.sharded

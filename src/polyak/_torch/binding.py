@@ -74,8 +74,12 @@ class Policy:
 
 
 def select(model: nn.Module, policy: Policy) -> tuple[nn.Module, list[Entry], list[torch.Tensor]]:
-    """The unwrapped model, its tracked tensors and their live values."""
+    """The unwrapped model, its tracked tensors and their live values (FSDP2: the shards, after
+    dropping the full weights a ``no_grad`` forward leaves registered)."""
     root = unwrap(model)
+    fsdp = fsdp_modules(root)
+    if fsdp:
+        reshard(fsdp)
     entries = select_tensors(root, policy.buffers, policy.include, policy.exclude)
     return root, entries, [e.get() for e in entries]
 
@@ -310,8 +314,6 @@ class Binding:
 
     def verify(self) -> None:
         """The full check (also what the watch cannot see), before a swap, copy or save."""
-        if self.fsdp:
-            reshard(self.fsdp)
         selection = select(self.model, self.policy)
         _, entries, lives = selection
         if (

@@ -535,6 +535,37 @@ class EMA(TimelineViews):
         """:meth:`get_module` of the only average (see there for its memory cost)."""
         return self.get_module(None)
 
+    def averaged_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict()`` with average ``name`` in place of the tracked tensors.
+
+        What ``model.state_dict()`` would give inside ``swapped()``, without swapping: the keys
+        are the (unwrapped) model's own, tied tensors appear under each of their names, untracked
+        tensors are the model's. The averaged tensors are views of the average in its own dtype
+        (float32 for a bf16 model; ``load_state_dict`` casts): save or clone them before the
+        next update. Under FSDP2 use :meth:`full_state_dict`.
+        """
+        binding = self._bound()
+        if binding.shards:
+            raise TypeError(
+                "averaged_state_dict() of an FSDP2-sharded model: gather the average with "
+                "ema.full_state_dict() instead"
+            )
+        binding.verify()
+        row = self._row(name)
+        self._warn_nonfinite(row, "averaged_state_dict()")
+        views = binding.averages.row(row)
+        by_id = {id(t): views[e.name] for e, t in zip(binding.entries, binding.lives)}
+        return {
+            k: by_id.get(id(v), v.detach())
+            for k, v in binding.root.state_dict(keep_vars=True).items()
+        }
+
+    @property
+    def sharded(self) -> bool:
+        """The averages hold this rank's FSDP2 shards (``state_dict()`` has a ``"shards"``
+        table; :meth:`full_state_dict` gathers them)."""
+        return bool(self._bound().shards)
+
     # ----------------------------------------------------------------- saving and loading
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: plain tensors, plain Python data, a format version.

@@ -19,12 +19,13 @@ class Regression(L.LightningModule):
     """Linear-BatchNorm-ReLU-Linear on a linear target: BatchNorm so buffers are averaged
     (running statistics) and copied (``num_batches_tracked``) too."""
 
-    def __init__(self, seed: int = 0, lr: float = 0.05, shard: bool = False) -> None:
+    def __init__(
+        self, seed: int = 0, lr: float = 0.05, shard: bool = False, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
-        self.lr = lr
-        self.shard = shard
+        self.lr, self.shard, self.dropout = lr, shard, dropout
         self.seen: list[tuple[bool, int, torch.Tensor]] = []  # (sanity check, step, weight)
 
     def configure_model(self) -> None:
@@ -35,7 +36,8 @@ class Regression(L.LightningModule):
             fully_shard(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        hidden = nn.functional.dropout(self.net[:3](x), self.dropout, self.training)
+        return self.net[3](hidden)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -71,19 +71,19 @@ def test_one_update_per_optimizer_step_equals_a_manual_ema_and_the_float64_refer
 
 
 def test_validation_test_predict_use_the_average_and_training_never_sees_it():
-    plain = Regression()
+    plain = Regression(dropout=0.2)  # dropout: training draws random numbers
     trainer(max_epochs=3).fit(plain, data(4), VAL)
-    model, cb = Regression(), EMACallback(0.8)
+    model, cb = Regression(dropout=0.2), EMACallback(0.8, evaluate="both")
     fit = trainer(max_epochs=3, callbacks=[cb])
     fit.fit(model, data(4), VAL)
-    _equal_states(_live(model), _live(plain))  # validated every epoch, trained as without
+    _equal_states(_live(model), _live(plain))  # two validations per epoch, trained as without
 
     averaged = _average_model(cb)
-    assert fit.callback_metrics["val_loss"] == _val_loss(averaged)
+    assert fit.callback_metrics["val_loss_ema"] == _val_loss(averaged)
     assert not torch.equal(_val_loss(averaged), _val_loss(plain.eval()))
     (tested,) = fit.test(model, VAL, verbose=False)
-    assert tested["test_loss"] == _val_loss(averaged).item()
-    (predicted,) = fit.predict(model, VAL)
+    assert tested["test_loss_ema"] == _val_loss(averaged).item()
+    (predicted,) = fit.predict(model, VAL)  # predict: the average
     with torch.no_grad():
         assert torch.equal(predicted, averaged(next(iter(VAL))[0]))
     _equal_states(_live(model), _live(plain))
@@ -203,18 +203,22 @@ def test_steps_the_gradient_scaler_skips_are_not_counted():
         )
 
 
-def test_an_exception_in_validation_gives_the_live_weights_back():
+@pytest.mark.parametrize("evaluate", ["average", "both"])
+def test_an_exception_in_validation_gives_everything_back(evaluate):
     class Failing(Regression):
         def validation_step(self, batch, batch_idx):
             if self.current_epoch == 1:
                 raise KeyError("boom")
             return super().validation_step(batch, batch_idx)
 
-    rec, cb = Record(), EMACallback(0.8)
+    rec, cb, other = Record(), EMACallback(0.8, evaluate=evaluate), L.Callback()
     model = Failing()
+    fit = trainer(max_epochs=3, callbacks=[rec, cb, other])
+    callbacks = list(fit.callbacks)
     with pytest.raises(KeyError, match="boom"):
-        trainer(max_epochs=3, callbacks=[rec, cb]).fit(model, data(3), VAL)
+        fit.fit(model, data(3), VAL)
     _equal_states(_live(model), rec.states[-1])
+    assert fit.callbacks == callbacks and "log" not in vars(model)  # the averaged pass's changes
     cb.ema.update()  # not left swapped in
 
 
@@ -301,3 +305,21 @@ def test_ddp_and_fsdp2_on_two_cpu_processes(tmp_path):
     fit.fit(Regression(), data(4), VAL, ckpt_path=tmp_path / "ddp" / "last.ckpt")
     _equal_states(loaded.state, ranks[0]["ddp"])
     assert cb.ema.step == 4 + 4  # one more epoch of 4 batches in one process
+
+
+def test_a_failed_average_as_weights_leaves_the_checkpoint_unchanged(monkeypatch):
+    cb, model = EMACallback(0.8, save_average_as_weights=True), Regression()
+    fit = trainer(max_epochs=1, callbacks=[cb])
+    fit.fit(model, data(2))
+    checkpoint = {"state_dict": _live(model), "callbacks": {cb.state_key: cb.state_dict()}}
+    before = copy.deepcopy(checkpoint)
+
+    def fail():
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fit.strategy, "lightning_module_state_dict", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cb.on_save_checkpoint(fit, model, checkpoint)
+    _equal_states(checkpoint["state_dict"], before["state_dict"])
+    assert checkpoint["callbacks"][cb.state_key].keys() == {"ema"}
+    _equal_states(_live(model), before["state_dict"])  # the average was swapped back out

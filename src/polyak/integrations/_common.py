@@ -20,7 +20,7 @@ from torch import nn
 
 from polyak import EMA, ArrayEMA
 
-__all__ = ["EVALUATE", "Averaging", "state_dict_of_average"]
+__all__ = ["EVALUATE", "Averaging", "rng_untouched", "state_dict_of_average"]
 
 EVALUATE = ("average", "live", "both")
 _EMA_ARGS = tuple(p for p in inspect.signature(EMA).parameters if p not in ("model", "decay"))
@@ -156,6 +156,18 @@ class Averaging:
         assert self.ema is not None
         name = self.average if self.final_weights == "average" else self.final_weights
         self.ema.copy_to(model, name=name)
+
+
+@contextlib.contextmanager
+def rng_untouched(model: nn.Module) -> Iterator[None]:
+    """Leave the global random streams (CPU, and the model's CUDA device) as they were.
+
+    An extra evaluation pass draws from them (every DataLoader iterator draws its base seed), so
+    without this, dropout and shuffling after it would differ from a run without the callback.
+    """
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def _reshard(model: nn.Module) -> None:

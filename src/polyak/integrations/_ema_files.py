@@ -1,13 +1,15 @@
 """An ``EMA.state_dict()`` as two files in a checkpoint directory, written atomically.
 
-* ``polyak_ema.safetensors``: the tensors (``average/<i>/<tensor name>`` for the ``i``-th
-  average, ``copied/<tensor name>``), loaded without unpickling anything;
+* ``polyak_ema.<hash>.safetensors``: the tensors (``average/<i>/<tensor name>`` for the
+  ``i``-th average, ``copied/<tensor name>``), loaded without unpickling anything;
 * ``polyak_ema.json``: everything else (format, dtype, step counters and schedule state, the
-  averages' names), the run identity and the SHA-256 of the tensor file.
+  averages' names), the run identity, and the name and SHA-256 of the tensor file.
 
-Each file is written to a temporary name in the same directory, flushed, fsynced and renamed;
-the JSON goes last and names the tensor file's checksum, so a pair from different runs or a
-half-written tensor file is detected on loading instead of resuming from it.
+Each file is written to a temporary name in the same directory, flushed, fsynced and renamed.
+The tensor file's name carries its hash, so it never replaces the file the current JSON names;
+renaming the JSON is the one step that switches to the new state, and the old tensor file is
+removed after it. A failure at any point leaves the previous pair loadable, and a damaged or
+mismatched tensor file is detected on loading instead of resumed from.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JSON_NAME", "TENSORS_NAME", "load_ema_files", "save_ema_files"]
+__all__ = ["JSON_NAME", "load_ema_files", "save_ema_files"]
 
-TENSORS_NAME = "polyak_ema.safetensors"
 JSON_NAME = "polyak_ema.json"
+_TENSORS = "polyak_ema.{}.safetensors"
 _FORMAT, _VERSION = "polyak.EMA files", 1
 
 
@@ -43,34 +45,39 @@ def save_ema_files(directory: str | os.PathLike[str], state: Mapping[str, Any], 
     tensors.update({f"copied/{k}": v for k, v in state["copied"].items()})
     # views of one flat buffer share a storage, which safetensors refuses: one copy each, on CPU
     data = save({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, {"run": run})
+    digest = hashlib.sha256(data).hexdigest()
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
         "run": run,
-        "tensors": TENSORS_NAME,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": _TENSORS.format(digest[:16]),
+        "sha256": digest,
         "averages": names,
         "state": {k: state[k] for k in ("format", "version", "dtype", "timeline")},
     }
-    _write_atomic(directory / TENSORS_NAME, data)
+    _write_atomic(directory / meta["tensors"], data)
     _write_atomic(directory / JSON_NAME, json.dumps(meta, indent=1).encode())
+    for old in directory.glob(_TENSORS.format("*")):
+        if old.name != meta["tensors"]:
+            old.unlink(missing_ok=True)
 
 
 def load_ema_files(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """``(state dict, run identity)`` from the files :func:`save_ema_files` wrote."""
     from safetensors.torch import load
 
-    directory = Path(directory)
-    meta_path, tensors_path = directory / JSON_NAME, directory / TENSORS_NAME
-    for path in (meta_path, tensors_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint holds no polyak EMA state (it was written "
-                "without EMACallback, or the run stopped before the callback's on_save)"
-            )
+    meta_path = Path(directory) / JSON_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} is missing: this checkpoint holds no polyak EMA state (it was written "
+            "without EMACallback, or the run stopped before the callback's on_save)"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
         raise ValueError(f"{meta_path} is not a {_FORMAT} v{_VERSION} file")
+    tensors_path = meta_path.parent / meta["tensors"]
+    if not tensors_path.is_file():
+        raise FileNotFoundError(f"{tensors_path}, named by {meta_path}, is missing")
     data = tensors_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from polyak.integrations._common import Averaging, state_dict_of_average
+from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
 
 try:
     import lightning.pytorch as pl
@@ -251,7 +251,8 @@ class EMACallback(pl.Callback):
         vars(module)["log"] = renamed  # shadows the method; log_dict calls it too
         self._averaged_pass = True
         try:
-            return run()
+            with rng_untouched(module):
+                return run()
         finally:
             self._averaged_pass = False
             trainer.callbacks = callbacks
@@ -276,11 +277,11 @@ class EMACallback(pl.Callback):
     ) -> None:
         if not self.save_average_as_weights or not self._avg.has_average():
             return
-        entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
-        entry["live_state_dict"] = checkpoint["state_dict"]
-        checkpoint["state_dict"] = state_dict_of_average(
+        averaged = state_dict_of_average(
             self._avg, pl_module, lambda _: trainer.strategy.lightning_module_state_dict()
         )
+        entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+        entry["live_state_dict"], checkpoint["state_dict"] = checkpoint["state_dict"], averaged
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from polyak.integrations._common import Averaging, state_dict_of_average
+from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
 from polyak.integrations._ema_files import load_ema_files, save_ema_files
 
 try:
@@ -215,7 +215,7 @@ class EMACallback(TrainerCallback):
         handler = trainer.callback_handler
         vars(handler)["on_evaluate"] = _no_event  # one on_evaluate, with both sets, follows
         try:
-            with self._avg.swapped(trainer.model):
+            with rng_untouched(trainer.model), self._avg.swapped(trainer.model):
                 averaged = evaluate(eval_dataset, ignore_keys, f"{prefix}_{self._avg.label}")
             live = evaluate(eval_dataset, ignore_keys, prefix)
         finally:

@@ -46,19 +46,20 @@ def save_ema_files(directory: str | os.PathLike[str], state: Mapping[str, Any], 
     # views of one flat buffer share a storage, which safetensors refuses: one copy each, on CPU
     data = save({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, {"run": run})
     digest = hashlib.sha256(data).hexdigest()
+    name = _TENSORS.format(digest[:16])
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
         "run": run,
-        "tensors": _TENSORS.format(digest[:16]),
+        "tensors": name,
         "sha256": digest,
         "averages": names,
         "state": {k: state[k] for k in ("format", "version", "dtype", "timeline")},
     }
-    _write_atomic(directory / meta["tensors"], data)
-    _write_atomic(directory / JSON_NAME, json.dumps(meta, indent=1).encode())
+    _write_atomic(directory / name, data)
+    _write_atomic(directory / JSON_NAME, json.dumps(meta, indent=1).encode())  # the switch
     for old in directory.glob(_TENSORS.format("*")):
-        if old.name != meta["tensors"]:
+        if old.name != name:
             old.unlink(missing_ok=True)
 
 

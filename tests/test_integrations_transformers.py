@@ -26,6 +26,7 @@ from polyak.integrations._ema_files import JSON_NAME, load_ema_files, save_ema_f
 from polyak.integrations.transformers import EMACallback
 
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 

@@ -121,6 +121,8 @@ class EMACallback(pl.Callback):
             owner="EMACallback",
         )
         self.save_average_as_weights = save_average_as_weights
+        # Lightning reads the key at every hook call: build the string once
+        self._state_key = self._generate_state_key(averages=list(self._avg.names))
         self._model: nn.Module | None = None  # the module the EMA was built on
         self._swapped = False
         self._averaged_pass = False  # inside the averaged pass of evaluate="both"
@@ -133,7 +135,7 @@ class EMACallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(averages=list(self._avg.names))
+        return self._state_key
 
     # ----------------------------------------------------------------- training
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

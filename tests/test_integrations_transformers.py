@@ -183,6 +183,30 @@ def test_checkpoints_hold_the_ema_and_a_resumed_run_matches(tmp_path):
     _equal_states(_live(again.model), _live(first.model))
 
 
+def test_the_best_checkpoint_by_the_averaged_loss_brings_its_average_back(tmp_path):
+    cb = EMACallback(0.5, evaluate="both")
+    trainer = hf_trainer(
+        tmp_path,
+        [cb],
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="ema_loss",  # eval_ema_loss: the averaged pass's
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    losses = {
+        e["step"]: e["eval_ema_loss"] for e in trainer.state.log_history if "eval_ema_loss" in e
+    }
+    assert best.endswith(f"checkpoint-{min(losses, key=losses.get)}")
+    assert int(best.rsplit("-", 1)[1]) < 6  # not the last: the final average was replaced
+    saved, _ = load_ema_files(best)
+    _equal_states(cb.ema.averaged_tensors(), saved["averages"]["0.5"])
+    assert cb.ema.step == int(best.rsplit("-", 1)[1])
+
+
 def test_resuming_without_or_with_damaged_ema_files_is_a_named_error(tmp_path):
     first = hf_trainer(tmp_path, [EMACallback(0.9)], save_strategy="steps", save_steps=3)
     first.train()

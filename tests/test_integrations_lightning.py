@@ -219,6 +219,7 @@ def test_an_exception_in_validation_gives_everything_back(evaluate):
         fit.fit(model, data(3), VAL)
     _equal_states(_live(model), rec.states[-1])
     assert fit.callbacks == callbacks and "log" not in vars(model)  # the averaged pass's changes
+    assert "run" not in vars(fit.fit_loop.epoch_loop.val_loop)
     cb.ema.update()  # not left swapped in
 
 

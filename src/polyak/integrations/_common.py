@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -195,13 +195,14 @@ def _deliberate_state_dict() -> Iterator[None]:
 
 
 def state_dict_of_average(
-    averaging: Averaging, model: nn.Module, state_dict: Any = None
+    averaging: Averaging,
+    model: nn.Module,
+    state_dict: Callable[[], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``state_dict()`` (or ``state_dict(model)``) of ``model`` holding the evaluated average:
-    the model's own keys and dtypes, the tensors copied out of the average."""
+    """``model.state_dict()`` (or ``state_dict()``, e.g. a strategy's) while ``model`` holds the
+    evaluated average: the model's own keys and dtypes, the tensors copied out of the average."""
     with averaging.swapped(model), _deliberate_state_dict():
-        state = model.state_dict() if state_dict is None else state_dict(model)
-        return _clone(state)
+        return _clone(model.state_dict() if state_dict is None else state_dict())
 
 
 def _clone(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -163,10 +163,14 @@ class EMACallback(pl.Callback):
         self._avg.finish(pl_module)
 
     def on_exception(self, *args: Any) -> None:
-        self._swap_out()
         self._avg.release()
+        self._clean_up()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        """The live weights back in the model, the evaluation loop's own ``run`` back."""
         self._swap_out()
         if self._wrapped is not None:
             loop, _ = self._wrapped
@@ -280,7 +284,7 @@ class EMACallback(pl.Callback):
         if not self.save_average_as_weights or not self._avg.has_average():
             return
         averaged = state_dict_of_average(
-            self._avg, pl_module, lambda _: trainer.strategy.lightning_module_state_dict()
+            self._avg, pl_module, trainer.strategy.lightning_module_state_dict
         )
         entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
         entry["live_state_dict"], checkpoint["state_dict"] = checkpoint["state_dict"], averaged

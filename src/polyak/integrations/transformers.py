@@ -73,9 +73,9 @@ class EMACallback(TrainerCallback):
         >>> from polyak.integrations.transformers import EMACallback
         >>> cb = EMACallback(decay=0.999, evaluate="both")                  # doctest: +SKIP
         >>> trainer = Trainer(model=model, args=args, callbacks=[cb], ...)  # doctest: +SKIP
-        >>> trainer.train()                     # or train(resume_from_checkpoint=True)
+        >>> trainer.train()        # or train(resume_from_checkpoint=True)  # doctest: +SKIP
         >>> trainer.evaluate()["eval_ema_loss"]                             # doctest: +SKIP
-        >>> cb.save_pretrained("average")       # AutoModel.from_pretrained("average")
+        >>> cb.save_pretrained("average")  # for from_pretrained("average") # doctest: +SKIP
 
     References:
         Morales-Brotons, Vogels & Hendrikx, "Exponential Moving Average of Weights in Deep

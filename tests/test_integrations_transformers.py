@@ -153,6 +153,9 @@ def test_evaluation_runs_on_the_average_and_training_never_sees_it(tmp_path):
     live = hf_trainer(tmp_path / "d", model=without.model).evaluate()
     assert metrics["eval_ema_loss"] == by_hand["eval_loss"] == averaged[-1]["eval_ema_loss"]
     assert metrics["eval_loss"] == live["eval_loss"] != metrics["eval_ema_loss"]
+    named = trainer.evaluate({"x": EVAL})  # several eval sets: each prefix gets "_ema"
+    assert named["eval_x_ema_loss"] == metrics["eval_ema_loss"]
+    assert named["eval_x_loss"] == metrics["eval_loss"]
     predicted = trainer.predict(EVAL).predictions  # predict: the average
     expected = hf_trainer(tmp_path / "e", model=_average_model(cb)).predict(EVAL).predictions
     np.testing.assert_array_equal(predicted, expected)

@@ -258,10 +258,12 @@ def test_a_save_that_fails_midway_leaves_the_previous_files_loadable(tmp_path, m
 
 def test_save_pretrained_writes_the_average_that_from_pretrained_loads(tmp_path):
     cb = EMACallback(0.8)
-    trainer = hf_trainer(tmp_path, [cb], max_steps=3)
+    trainer = hf_trainer(tmp_path, max_steps=3)
+    trainer.add_callback(cb)  # after the Trainer's __init__: found when training begins
     with pytest.raises(RuntimeError, match="no average yet"):
         cb.save_pretrained(tmp_path / "too-early")
     trainer.train()
+    assert cb.ema.step == 3
     live = _live(trainer.model)
     cb.save_pretrained(tmp_path / "average", max_shard_size="40KB")
     shards = sorted(p.name for p in (tmp_path / "average").glob("*.safetensors"))

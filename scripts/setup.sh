@@ -2,8 +2,10 @@
 # Set up polyak in ./.venv on a fresh machine (idempotent).
 #   bash scripts/setup.sh          # the library, torch and the study's dependencies
 #   bash scripts/setup.sh --test   # ... plus test, lint and peer libraries (torch_ema, ema-pytorch,
-#                                  #     diffusers, timm) for the differential tests, and JAX
-#                                  #     (jax, optax, flax, equinox: polyak.jax and its peers)
+#                                  #     diffusers, timm) for the differential tests, JAX
+#                                  #     (jax, optax, flax, equinox: polyak.jax and its peers) and
+#                                  #     the frameworks the callbacks integrate with (lightning,
+#                                  #     transformers, accelerate; none needs torchvision)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from polyak import schedules
 from polyak.array_ema import ArrayEMA
-from polyak.errors import ModelChangedError, NonFiniteError
+from polyak.errors import ModelChangedError, NonFiniteError, SwappedStateDictWarning
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
@@ -60,6 +60,7 @@ __all__ = [
     "EarlyStopping",
     "ModelChangedError",
     "NonFiniteError",
+    "SwappedStateDictWarning",
     "__version__",
     "ema_update",
     "ema_update_",

@@ -6,7 +6,7 @@ names to react to the two situations specifically.
 
 from __future__ import annotations
 
-__all__ = ["ModelChangedError", "NonFiniteError"]
+__all__ = ["ModelChangedError", "NonFiniteError", "SwappedStateDictWarning"]
 
 
 class ModelChangedError(ValueError):
@@ -43,3 +43,8 @@ class NonFiniteError(ValueError):
     def __init__(self, message: str, names: list[str] | None = None) -> None:
         super().__init__(message)
         self.names = names or []
+
+
+class SwappedStateDictWarning(UserWarning):
+    """``model.state_dict()`` was taken while an average is swapped into the model: it holds the
+    average, not the training weights. Filter this category where that is what you want."""

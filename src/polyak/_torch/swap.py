@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak.errors import SwappedStateDictWarning
+
 __all__ = ["SwapState", "guard", "shared_module", "swap_in", "swap_out"]
 
 
@@ -50,7 +52,7 @@ def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
         "state_dict() of a model whose averaged weights are swapped in: this saves the "
         "average, not the training weights. Save after the `with ema.swapped(...)` block "
         "(or restore()) to checkpoint the training weights.",
-        UserWarning,
+        SwappedStateDictWarning,
         stacklevel=3,
     )
 

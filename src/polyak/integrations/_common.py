@@ -1,0 +1,205 @@
+"""What the Lightning and Hugging Face callbacks share: one :class:`Averaging` object each.
+
+It owns everything that does not depend on the framework: the arguments of the
+:class:`polyak.EMA` to build once the framework has set the model up, which average is evaluated
+and when ("never before the first update"), the count of optimizer steps really taken, the state
+loaded from a checkpoint before the EMA exists, and what the model holds at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyak import EMA
+from polyak._timeline import parse_decays
+from polyak.errors import SwappedStateDictWarning
+
+__all__ = ["EVALUATE", "Averaging", "rng_untouched", "state_dict_of_average"]
+
+EVALUATE = ("average", "live", "both")
+_EMA_ARGS = tuple(p for p in inspect.signature(EMA).parameters if p not in ("model", "decay"))
+
+
+class Averaging:
+    """The framework-independent half of an ``EMACallback``.
+
+    Args:
+        decay: the :class:`polyak.EMA` ``decay`` (a float, a schedule, or a sequence / dict).
+        evaluate: ``"average"``, ``"live"`` or ``"both"``.
+        average: name of the average that is evaluated (default: the first).
+        final_weights: ``"live"``, ``"average"`` (the evaluated one) or an average's name.
+        ema_kwargs: further :class:`polyak.EMA` arguments.
+        owner: the callback's name, for error messages.
+    """
+
+    def __init__(
+        self,
+        decay: Any,
+        *,
+        evaluate: str,
+        average: str | None,
+        final_weights: str,
+        ema_kwargs: Mapping[str, Any],
+        owner: str,
+    ) -> None:
+        if evaluate not in EVALUATE:
+            raise ValueError(f"{owner}: evaluate must be one of {EVALUATE}, got {evaluate!r}")
+        names, _ = parse_decays(decay)  # checks decay, names the averages as EMA does
+        if average is None:
+            average = names[0]
+        elif average not in names:
+            raise ValueError(
+                f"{owner}: average={average!r} is not one of the averages {list(names)}; name "
+                "the evaluated average as `decay` names it (pass a dict to choose the names)"
+            )
+        choices = ("live", "average", *names)
+        if final_weights not in choices:
+            raise ValueError(
+                f"{owner}: final_weights must be one of {list(choices)}, got {final_weights!r}"
+            )
+        unknown = sorted(set(ema_kwargs) - set(_EMA_ARGS))
+        if unknown:
+            raise TypeError(
+                f"{owner}: unknown polyak.EMA argument(s) {unknown}; it takes {list(_EMA_ARGS)}"
+            )
+        self.decay = decay
+        self.evaluate = evaluate
+        self.average = average
+        self.final_weights = final_weights
+        self.ema_kwargs = dict(ema_kwargs)
+        self.names = names
+        #: metric tag of the evaluated average: "ema", or "ema[<name>]" among several
+        self.label = "ema" if len(names) == 1 else f"ema[{average}]"
+        self.ema: EMA | None = None
+        self.pending: Mapping[str, Any] | None = None  # loaded before the EMA was built
+        self._steps = 0  # optimizer steps taken since the last update
+        self._hooks: list[Any] = []
+
+    # ----------------------------------------------------------------- building
+    def build(self, model: nn.Module) -> EMA:
+        """A new EMA of ``model``'s weights as they are now, with the pending state loaded."""
+        ema = EMA(model, self.decay, **self.ema_kwargs)
+        if self.pending is not None:
+            ema.load_state_dict(self.pending)  # checks everything before changing anything
+        self.ema, self.pending = ema, None
+        self._steps = 0
+        return ema
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Load ``EMA.state_dict()`` output now, or when the EMA is built."""
+        if self.ema is None:
+            self.pending = state
+        else:
+            self.ema.load_state_dict(state)
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """``EMA.state_dict()`` to checkpoint; under FSDP2 the full tensors, gathered by a
+        collective that every rank must join (``None`` on ranks other than 0)."""
+        assert self.ema is not None
+        return self.ema.full_state_dict() if self.ema.sharded else self.ema.state_dict()
+
+    # ----------------------------------------------------------------- counting steps
+    def count_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the steps ``optimizer`` really takes (from now on, instead of any other's).
+
+        A step post-hook runs only when ``optimizer.step()`` runs: a step that a gradient scaler
+        skips (inf/NaN gradients) is not counted. Wrappers exposing the optimizer as
+        ``.optimizer`` (Accelerate's) are looked through.
+        """
+        self.release()
+        inner = getattr(optimizer, "optimizer", None)
+        while isinstance(inner, torch.optim.Optimizer):
+            optimizer, inner = inner, getattr(inner, "optimizer", None)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._hooks.append(optimizer.register_step_post_hook(self._count))
+        self._steps = 0
+
+    def _count(self, *_: Any) -> None:
+        self._steps += 1
+
+    def update(self) -> None:
+        """Update the averages once for the optimizer steps taken since the last call."""
+        if self._steps and self.ema is not None:
+            self.ema.update(steps=self._steps)
+            self._steps = 0
+
+    def release(self) -> None:
+        """Stop counting optimizer steps."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    # ----------------------------------------------------------------- evaluating
+    def has_average(self) -> bool:
+        """Whether an average exists that differs from a copy of the initial weights: never
+        evaluate or export one before its first update."""
+        return self.ema is not None and self.ema.num_updates > 0
+
+    def swapped(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """``ema.swapped`` for the evaluated average."""
+        assert self.ema is not None
+        return self.ema.swapped(model, name=self.average)
+
+    def finish(self, model: nn.Module) -> None:
+        """Copy the average ``final_weights`` names into ``model`` (nothing for ``"live"``)."""
+        if self.final_weights == "live" or not self.has_average():
+            return
+        assert self.ema is not None
+        name = self.average if self.final_weights == "average" else self.final_weights
+        self.ema.copy_to(model, name=name)
+
+
+@contextlib.contextmanager
+def rng_untouched(model: nn.Module) -> Iterator[None]:
+    """Leave the global random streams (CPU, and the model's CUDA device) as they were.
+
+    An extra evaluation pass draws from them (every DataLoader iterator draws its base seed), so
+    without this, dropout and shuffling after it would differ from a run without the callback.
+    """
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def _deliberate_state_dict() -> Iterator[None]:
+    # EMA.swapped warns on model.state_dict() because saving inside the block usually loses the
+    # training weights; here the averaged state dict is exactly what is asked for.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SwappedStateDictWarning)
+        yield
+
+
+def state_dict_of_average(
+    averaging: Averaging,
+    model: nn.Module,
+    state_dict: Callable[[], Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``model.state_dict()`` (or ``state_dict()``, e.g. a strategy's) while ``model`` holds the
+    evaluated average: the model's own keys and dtypes, the tensors copied out of the average."""
+    with averaging.swapped(model), _deliberate_state_dict():
+        return _clone(model.state_dict() if state_dict is None else state_dict())
+
+
+def _clone(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies of the tensors in ``state``, tied tensors (one data pointer, shape and stride)
+    staying tied; the originals may be views of the average's flat storage."""
+    clones: dict[tuple[Any, ...], torch.Tensor] = {}
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        tie = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() == 0 or tie not in clones:
+            clones[tie] = value.detach().clone()
+        out[key] = clones[tie]
+    return out

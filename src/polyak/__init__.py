@@ -45,12 +45,15 @@ _LAZY = {
     "soft_update_": ("polyak.workflows", "soft_update_"),
     "hard_update_": ("polyak.workflows", "hard_update_"),
     "ensemble_predictions": ("polyak.workflows", "ensemble_predictions"),
+    "PostHocEMA": ("polyak.posthoc", "PostHocEMA"),
+    "posthoc": ("polyak.posthoc", None),
 }
 
 __all__ = [
     "EMA",
     "ArrayEMA",
     "EarlyStopping",
+    "PostHocEMA",
     "__version__",
     "ema_update",
     "ema_update_",
@@ -58,6 +61,7 @@ __all__ = [
     "evaluate",
     "hard_update_",
     "metrics",
+    "posthoc",
     "presets",
     "recompute_bn",
     "schedules",

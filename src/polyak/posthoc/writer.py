@@ -10,6 +10,7 @@ completed before it; the error is raised, as :class:`SnapshotWriteError`, by the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -248,9 +249,9 @@ class SnapshotWriter:
                 _save(tensors, tmp, metadata)
                 _fsync_file(tmp)
                 crc, size = store.crc32_file(tmp)
+                published.append(self.directory / name)  # before: the rename may be done
                 _publish(tmp, self.directory / name)
                 tmp = None
-                published.append(self.directory / name)
                 files[key] = {"name": name, "bytes": size, "crc32": f"{crc:08x}"}
             manifest = copy.deepcopy(self._manifest)
             manifest["snapshots"].append({"step": step, "t": t, "files": files})
@@ -267,8 +268,14 @@ class SnapshotWriter:
         except BaseException:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            if self._manifest is None or not any(
-                s["step"] == step for s in self._manifest["snapshots"]
-            ):
+            self._resync()
+            assert self._manifest is not None
+            if not any(s["step"] == step for s in self._manifest["snapshots"]):
                 _remove(published)  # published but never listed: not part of the store
             raise
+
+    def _resync(self) -> None:
+        """After a failure: the manifest in force is the one on disk (if it got renamed into
+        place before the failure, the snapshot is part of the store)."""
+        with contextlib.suppress(store.StoreError):  # none yet: keep the last one we wrote
+            self._manifest = store.read_manifest(self.path)

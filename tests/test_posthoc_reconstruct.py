@@ -212,3 +212,17 @@ def test_update_every_and_start_step_keep_the_profile(tmp_path, kwargs):
     # the last update before step 1000 was at step 994; steps <= start_step are copies
     assert rec.solution.t == (994 if "update_every" in kwargs else 700)
     assert _error(rec, direct.averaged_tensors(), (hi - lo).max().item()) < 5e-5
+
+
+def test_chunks_across_tensors_and_several_passes_give_the_same_result(run, monkeypatch):
+    """Tiny chunks split and join tensors; 3 files per pass forces the multi-pass path."""
+    directory = run["stores"][100].directory
+    expected = polyak.posthoc.reconstruct_many(directory, [0.05, 0.12], decays=[0.995])
+    monkeypatch.setattr(polyak.posthoc.combine, "GROUP", 3)
+    got = polyak.posthoc.reconstruct_many(
+        directory, [0.05, 0.12], decays=[0.995], chunk_bytes=4 * 3 * 7
+    )
+    for a, b in zip(expected, got):
+        assert list(a) == list(b)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

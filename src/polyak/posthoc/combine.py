@@ -10,7 +10,9 @@ outputs once per file), and memory stays at the outputs plus a few chunk buffers
 The product is taken around an anchor row ``a`` (the row of the largest weights):
 ``out = S_a + W @ (S - S_a)``, equal to ``W @ S`` because each row of ``W`` sums to 1; it is
 exact for a constant weight stream and rounds only the (small) differences between snapshots.
-The subtraction is fused with the conversion of the stored dtype (e.g. float16) to float32.
+The reader thread also converts: one broadcast subtraction per chunk turns the stored dtype
+(e.g. float16) of every file into ``S - S_a`` in float32, leaving the product and the copy into
+the outputs to the calling thread.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def combine(
     averaged: set[str],
     copy_from: int,
     dtype: torch.dtype = torch.float32,
-    chunk_bytes: int = 8 << 20,
+    chunk_bytes: int = 32 << 20,
 ) -> list[dict[str, torch.Tensor]]:
     """``[{name: sum_i weights[k, i] * files[i][name]} for k]``; copied tensors from one file.
 
@@ -112,6 +114,17 @@ def combine(
     return outputs
 
 
+class _Slot:
+    """A staging buffer: the raw bytes of one chunk of every file, and ``S - S_a`` in float32."""
+
+    def __init__(self, n: int, width: int, item: int, dtype: torch.dtype) -> None:
+        self.raw = bytearray(n * width * item)
+        self.view = memoryview(self.raw)
+        self.matrix = torch.empty(n, width, dtype=dtype)
+        self.anchor = torch.empty(width, dtype=dtype)
+        self.copied = b""
+
+
 class _Pass:
     """One pass over up to :data:`GROUP` files (row 0 is the anchor)."""
 
@@ -139,12 +152,12 @@ class _Pass:
                     )
             entries = streams[0].entries
             n = len(streams)
-            width = max(1, chunk_bytes // (self.dtype.itemsize * n))
+            longest = max((sum(e.numel for e in r) for r in _runs(entries, averaged)), default=1)
+            width = max(1, min(chunk_bytes // (self.dtype.itemsize * n), longest))
             item = max((e.dtype.itemsize for e in entries if e.name in averaged), default=1)
-            slots = [[bytearray(width * item) for _ in range(n)] for _ in range(_SLOTS)]
+            slots = [_Slot(n, width, item, self.dtype) for _ in range(_SLOTS)]
             steps = list(_steps(entries, averaged, width))
-            matrix = torch.empty(n, width, dtype=self.dtype)
-            self._consume(streams, steps, slots, matrix, copy_row, outputs, accumulate)
+            self._consume(streams, steps, slots, copy_row, outputs, accumulate)
             for s in streams:
                 s.finish()
         finally:
@@ -155,18 +168,17 @@ class _Pass:
         self,
         streams: list[Stream],
         steps: list[_Step],
-        slots: list[list[bytearray]],
-        matrix: torch.Tensor,
+        slots: list[_Slot],
         copy_row: int | None,
         outputs: list[dict[str, torch.Tensor]],
         accumulate: bool,
     ) -> None:
-        ready: queue.Queue[tuple[int, object] | BaseException | None] = queue.Queue()
-        free: queue.Queue[int | None] = queue.Queue()
-        for i in range(len(slots)):
-            free.put(i)
+        ready: queue.Queue[_Slot | BaseException] = queue.Queue()
+        free: queue.Queue[_Slot | None] = queue.Queue()
+        for slot in slots:
+            free.put(slot)
         reader = threading.Thread(
-            target=_produce, args=(streams, steps, slots, copy_row, ready, free), daemon=True
+            target=_produce, args=(streams, steps, copy_row, ready, free), daemon=True
         )
         reader.start()
         try:
@@ -174,46 +186,35 @@ class _Pass:
                 got = ready.get()
                 if isinstance(got, BaseException):
                     raise got
-                assert got is not None
-                slot, copied = got
                 if step.averaged:
-                    self._multiply(step, slots[slot], matrix, outputs, accumulate)
-                elif isinstance(copied, bytes):
+                    self._multiply(step, got, outputs, accumulate)
+                elif copy_row is not None:
                     e = step.run[0]
-                    value = torch.frombuffer(bytearray(copied), dtype=e.dtype) if copied else None
+                    value = (
+                        torch.frombuffer(bytearray(got.copied), dtype=e.dtype) if e.numel else None
+                    )
                     for out in outputs:
                         out[e.name] = (
                             torch.empty(e.shape, dtype=e.dtype)
                             if value is None
                             else value.reshape(e.shape).clone()
                         )
-                free.put(slot)
+                free.put(got)
         finally:
             free.put(None)  # stops the reader if we leave early
             reader.join()
 
     def _multiply(
-        self,
-        step: _Step,
-        slot: list[bytearray],
-        matrix: torch.Tensor,
-        outputs: list[dict[str, torch.Tensor]],
-        accumulate: bool,
+        self, step: _Step, slot: _Slot, outputs: list[dict[str, torch.Tensor]], accumulate: bool
     ) -> None:
         run, a, c = step.run, step.a, step.c
-        src = run[0].dtype
         if a == 0 and not accumulate:
             for e in run:
                 for out in outputs:
                     out[e.name] = torch.empty(e.shape, dtype=self.dtype)
-        block = matrix[:, :c]
-        anchor = block[0]
-        anchor.copy_(torch.frombuffer(slot[0], dtype=src, count=c))
-        for i in range(1, len(slot)):
-            torch.sub(torch.frombuffer(slot[i], dtype=src, count=c), anchor, out=block[i])
-        result = self.w[:, 1:] @ block[1:]
+        result = self.w @ slot.matrix[:, :c]  # row 0 (the anchor) is 0 in the matrix
         if not accumulate:
-            result += anchor
+            result += slot.anchor[:c]
         start = 0
         for e in run:
             lo, hi = max(a, start), min(a + c, start + e.numel)
@@ -230,31 +231,38 @@ class _Pass:
 def _produce(
     streams: list[Stream],
     steps: list[_Step],
-    slots: list[list[bytearray]],
     copy_row: int | None,
     ready: queue.Queue,
     free: queue.Queue,
 ) -> None:
-    """Reader thread: fill a free slot with the next step's bytes from every file."""
+    """Reader thread: fill a free slot with the next step's bytes from every file; convert."""
     try:
         for step in steps:
             slot = free.get()
             if slot is None:
                 return
-            if step.averaged:
-                item = step.run[0].dtype.itemsize
-                begin = step.run[0].begin + step.a * item
-                for s, buf in zip(streams, slots[slot]):
-                    s.read_into(begin, memoryview(buf)[: step.c * item])
-                ready.put((slot, None))
-                continue
             e = step.run[0]
-            kept = b""
+            if not step.averaged:
+                slot.copied = b""
+                for i, s in enumerate(streams):
+                    buf = bytearray(e.end - e.begin)
+                    s.read_into(e.begin, memoryview(buf))
+                    if i == copy_row:
+                        slot.copied = bytes(buf)
+                ready.put(slot)
+                continue
+            item, c = e.dtype.itemsize, step.c
+            width = slot.matrix.shape[1]
+            begin = e.begin + step.a * item
             for i, s in enumerate(streams):
-                buf = bytearray(e.end - e.begin)
-                s.read_into(e.begin, memoryview(buf))
-                if i == copy_row:
-                    kept = bytes(buf)
-            ready.put((slot, kept if copy_row is not None else None))
+                at = i * width * item
+                s.read_into(begin, slot.view[at : at + c * item])
+            n = len(streams)
+            stored = torch.frombuffer(slot.raw, dtype=e.dtype, count=n * width).view(n, width)
+            block = slot.matrix[:, :c]
+            block.copy_(stored[:, :c])  # a same-dtype subtraction next: both vectorised
+            slot.anchor[:c].copy_(block[0])
+            block.sub_(slot.anchor[:c])
+            ready.put(slot)
     except BaseException as e:
         ready.put(e)

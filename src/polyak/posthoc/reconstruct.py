@@ -205,7 +205,7 @@ def reconstruct_many(
     step: int | None = None,
     rank: int | None = None,
     dtype: torch.dtype = torch.float32,
-    chunk_bytes: int = 16 << 20,
+    chunk_bytes: int = 32 << 20,
 ) -> list[Reconstruction]:
     """Reconstruct several averages at once, reading each snapshot file once for all of them.
 

@@ -142,5 +142,6 @@ def run(quick: bool = False) -> dict:
     print("precision: synthetic stream ...", flush=True)
     out = {"synthetic": synthetic()}
     print("precision: digits training ...", flush=True)
-    out["training"] = training(epochs=8 if quick else 40)
+    out["epochs"] = 8 if quick else 40
+    out["training"] = training(epochs=out["epochs"])
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import torch
 from polyak.posthoc import store
 
 __all__ = ["Entry", "Stream", "layout_key"]
+
+_ADVISE = hasattr(os, "posix_fadvise")
+_AHEAD = 16 << 20  # bytes per file asked ahead of the reads
 
 _DTYPES = {
     "F64": torch.float64,
@@ -57,7 +61,7 @@ class Stream:
             self._f: io.FileIO = open(file.path, "rb", buffering=0)  # noqa: SIM115 - see close()
         except FileNotFoundError:
             raise store.ChecksumError(file.path, file.step, "the file is missing") from None
-        self.crc, self.pos, self.in_order = 0, 0, True
+        self.crc, self.pos, self.in_order, self._advised = 0, 0, True, 0
         try:
             head = self._read_exact(8)
             (n,) = struct.unpack("<Q", head)
@@ -91,6 +95,10 @@ class Stream:
     def read_into(self, begin: int, out: memoryview) -> None:
         """Fill ``out`` with the bytes at data offset ``begin``."""
         at = self.data_start + begin
+        if _ADVISE and at + len(out) > self._advised - _AHEAD // 2:
+            # let the kernel fetch the next stretch while we convert and multiply this one
+            os.posix_fadvise(self._f.fileno(), at, _AHEAD, os.POSIX_FADV_WILLNEED)
+            self._advised = at + _AHEAD
         if at != self.pos:
             self.in_order = False  # verified by a separate pass in finish()
             self._f.seek(at)

@@ -39,24 +39,27 @@ def markdown(result: dict, summary: dict) -> str:
         "",
         "## Reconstruction vs reading every snapshot file once",
         "",
-        "| page cache | read all files | reconstruct_many | ratio (goal <= 1.5) | extra memory "
-        "| budget |",
-        "|---|---|---|---|---|---|",
+        "| page cache | read all files | reconstruct_many | ratio (goal <= 1.5) | CPU-seconds "
+        "(read / reconstruct) | extra memory | budget |",
+        "|---|---|---|---|---|---|---|",
     ]
     budget = result["memory_budget_bytes"] / 2**30
     for cache, s in summary.items():
         read = f"{s['read_s']:.2f} s ({s['read_gb_s']:.2f} GB/s)"
         rec = f"{s['reconstruct_s']:.2f} s ({s['reconstruct_gb_s']:.2f} GB/s)"
         extra = s["extra_bytes"] / 2**30
+        cpu = f"{s['read_cpu_s']:.2f} / {s['reconstruct_cpu_s']:.1f}"
         lines.append(
-            f"| {cache} | {read} | {rec} | {s['ratio']:.2f} | {extra:.2f} GiB | {budget:.2f} GiB |"
+            f"| {cache} | {read} | {rec} | {s['ratio']:.2f} | {cpu} | {extra:.2f} GiB "
+            f"| {budget:.2f} GiB |"
         )
     lines += [
         "",
         "cold: the files evicted from the page cache before each measurement (`posix_fadvise`), "
         "so both read from the disk; hot: both read from memory. Budget: (outputs + 1) x the "
         "float32 model + one snapshot. Extra memory: peak RSS of the child above its RSS before "
-        "the call.",
+        "the call. CPU-seconds: user + system time of the process (both threads of the "
+        "reconstruction: one reads, checks CRC-32 and converts, the other multiplies).",
         "",
         "## Snapshot stall",
         "",
@@ -109,6 +112,22 @@ def _precision(p: dict) -> list[str]:
             f"| {r['nll_change']:+.1e} | {r['predictions_changed']:.2%} |"
         )
     return lines
+
+
+def readme_table(result: dict) -> str:
+    """The README's error-vs-snapshots table (float32 and float16 snapshots)."""
+    rows = result["precision"]["synthetic"]
+    by = {(r["snapshots"], r["dtype"]): r for r in rows}
+    lines = [
+        "| snapshots (of each average) | float32 files | float16 files | profile fit |",
+        "|---|---|---|---|",
+    ]
+    for n in sorted({r["snapshots"] for r in rows}):
+        lines.append(
+            f"| {n} | {by[n, 'float32']['error']:.1e} | {by[n, 'float16']['error']:.1e} "
+            f"| {by[n, 'float32']['fit']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(result: dict, summary: dict, path: Path) -> None:

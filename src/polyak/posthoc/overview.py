@@ -18,7 +18,8 @@ import numpy as np
 from polyak._horizon import integer
 from polyak.posthoc import store
 from polyak.posthoc.profiles import Solution, profile_masses, target_masses
-from polyak.posthoc.reconstruct import open_store, solutions_for, targets_from
+from polyak.posthoc.reconstruct import solutions_for, targets_from
+from polyak.posthoc.store import open_store
 
 __all__ = ["Listing", "WeightProfile", "list_snapshots", "weight_profiles"]
 

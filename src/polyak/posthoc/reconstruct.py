@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,11 @@ from polyak._horizon import integer
 from polyak.posthoc import store
 from polyak.posthoc.combine import combine
 from polyak.posthoc.profiles import Solution, Target, solve
+from polyak.posthoc.store import RankStore, open_store
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
+
+_ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
 
 
 class Reconstruction(dict):
@@ -58,54 +60,6 @@ class Reconstruction(dict):
     def fit(self) -> float | None:
         """Relative L2 distance between the achieved and the target weight profile."""
         return None if self.solution is None else self.solution.fit
-
-
-@dataclass(frozen=True)
-class RankStore:
-    rank: int | None
-    manifest: dict[str, Any]
-
-
-def open_store(
-    directory: str | Path, rank: int | None, *, warn: bool = True
-) -> tuple[Path, list[RankStore]]:
-    """The manifests to read: the unsharded one, one rank's, or every rank's (checked).
-
-    With ``warn``, files no manifest lists are named in a ``UserWarning`` (they are ignored).
-    """
-    path = Path(directory)
-    found = store.find_manifests(path)
-    if not found:
-        raise store.StoreError(
-            f"{path} holds no manifest: not a polyak post-hoc store (PostHocEMA writes one at "
-            "its first snapshot)"
-        )
-    unlisted = [n for n in store.unlisted_files(path, found) if not n.endswith(".tmp")]
-    if unlisted and warn:
-        warnings.warn(
-            f"{path}: ignoring {len(unlisted)} file(s) no manifest lists (another run's, "
-            f"another tool's, or a crash's leftovers): {unlisted[:5]}",
-            UserWarning,
-            stacklevel=3,
-        )
-    if None in found:
-        if rank is not None:
-            raise ValueError(f"{path} is an unsharded store; pass rank=None, got rank={rank}")
-        return path, [RankStore(None, store.read_manifest(found[None]))]
-    ranks = {r: store.read_manifest(p) for r, p in found.items() if r is not None}
-    world = ranks[min(ranks)]["world_size"]
-    missing = sorted(set(range(world)) - set(ranks))
-    if missing:
-        raise store.StoreError(f"{path}: the manifests of ranks {missing} (of {world}) are missing")
-    runs = {m["run_id"] for m in ranks.values()}
-    if len(runs) > 1:
-        raise store.ForeignRunError(f"{path}: the ranks' manifests belong to runs {sorted(runs)}")
-    if rank is not None:
-        integer("rank", rank, 0)
-        if rank not in ranks:
-            raise ValueError(f"{path} has ranks 0..{world - 1}, got rank={rank}")
-        return path, [RankStore(rank, ranks[rank])]
-    return path, [RankStore(r, ranks[r]) for r in range(world)]
 
 
 def _until(manifest: dict[str, Any], step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
@@ -148,7 +102,20 @@ def solutions_for(
         raise ValueError(f"{path}: no snapshot of an average at or before step {at}")
     ts = [s["t"] for s in used]
     gammas = [manifest["averages"][f.key]["gamma"] for f in files]
-    return at, files, [solve(ts, gammas, t, target) for target in targets]
+    solutions = [solve(ts, gammas, t, target) for target in targets]
+    rounding = _ROUNDING.get(manifest["snapshot_dtype"])
+    for s in solutions:
+        if rounding and s.amplification > 10:
+            warnings.warn(
+                f"{s.target.label}: the snapshots' coefficients add up to {s.amplification:.0f} "
+                f"in absolute value, which magnifies their {manifest['snapshot_dtype']} rounding "
+                f"(up to {rounding:.0e} of each weight) to up to {rounding * s.amplification:.0e}; "
+                "targets narrower than the narrowest stored average need float32 snapshots or "
+                "a narrower average (sigma_rels=...)",
+                UserWarning,
+                stacklevel=3,
+            )
+    return at, files, solutions
 
 
 def targets_from(
@@ -242,6 +209,8 @@ def reconstruct_many(
         CVPR 2024, Sec. 3.2.
     """
     targets = targets_from(sigma_rels, gammas, decays)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     path, ranks = open_store(directory, rank)
     parts = []
     for r in ranks:

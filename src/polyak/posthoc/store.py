@@ -27,23 +27,28 @@ import json
 import os
 import re
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polyak._horizon import integer
+
 __all__ = [
     "FORMAT",
     "VERSION",
     "ChecksumError",
     "ForeignRunError",
+    "RankStore",
     "StoreError",
     "crc32_file",
     "file_name",
     "find_manifests",
     "fsync_dir",
     "manifest_name",
+    "open_store",
     "read_manifest",
     "unlisted_files",
     "write_json_atomic",
@@ -225,3 +230,53 @@ def check(file: SnapshotFile, crc: int, size: int) -> None:
         raise ChecksumError(
             file.path, file.step, f"CRC-32 {crc:08x}, the manifest says {file.crc32:08x}"
         )
+
+
+@dataclass(frozen=True)
+class RankStore:
+    """One rank's manifest (``rank`` is ``None`` for an unsharded store)."""
+
+    rank: int | None
+    manifest: dict[str, Any]
+
+
+def open_store(
+    directory: str | Path, rank: int | None, *, warn: bool = True
+) -> tuple[Path, list[RankStore]]:
+    """The manifests to read: the unsharded one, one rank's, or every rank's (checked).
+
+    With ``warn``, files no manifest lists are named in a ``UserWarning`` (they are ignored).
+    """
+    path = Path(directory)
+    found = find_manifests(path)
+    if not found:
+        raise StoreError(
+            f"{path} holds no manifest: not a polyak post-hoc store (PostHocEMA writes one at "
+            "its first snapshot)"
+        )
+    unlisted = [n for n in unlisted_files(path, found) if not n.endswith(".tmp")]
+    if unlisted and warn:
+        warnings.warn(
+            f"{path}: ignoring {len(unlisted)} file(s) no manifest lists (another run's, "
+            f"another tool's, or a crash's leftovers): {unlisted[:5]}",
+            UserWarning,
+            stacklevel=3,
+        )
+    if None in found:
+        if rank is not None:
+            raise ValueError(f"{path} is an unsharded store; pass rank=None, got rank={rank}")
+        return path, [RankStore(None, read_manifest(found[None]))]
+    ranks = {r: read_manifest(p) for r, p in found.items() if r is not None}
+    world = ranks[min(ranks)]["world_size"]
+    missing = sorted(set(range(world)) - set(ranks))
+    if missing:
+        raise StoreError(f"{path}: the manifests of ranks {missing} (of {world}) are missing")
+    runs = {m["run_id"] for m in ranks.values()}
+    if len(runs) > 1:
+        raise ForeignRunError(f"{path}: the ranks' manifests belong to runs {sorted(runs)}")
+    if rank is not None:
+        integer("rank", rank, 0)
+        if rank not in ranks:
+            raise ValueError(f"{path} has ranks 0..{world - 1}, got rank={rank}")
+        return path, [RankStore(rank, ranks[rank])]
+    return path, [RankStore(r, ranks[r]) for r in range(world)]

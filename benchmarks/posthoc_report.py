@@ -164,15 +164,19 @@ def plot(result: dict, summary: dict, path: Path) -> None:
         ["plain step", "snapshot step"], [u["plain_update_s"] * 1e3, u["snapshot_update_s"] * 1e3]
     )
     axes[1].set(
-        ylabel="update() time, ms", title=f"{result['config']['params'] / 1e6:.0f}M parameters"
+        ylabel="update() time, ms",
+        title=f"update() of a {result['config']['params'] / 1e6:.1f}M-parameter model",
     )
     if panels == 3:
         rows = result["precision"]["synthetic"]
         for dtype in ("float32", "float16", "bfloat16"):
             pts = sorted((r["snapshots"], r["error"]) for r in rows if r["dtype"] == dtype)
             axes[2].plot(*zip(*pts), "o-", label=f"{dtype} snapshots")
+        ns = sorted({r["snapshots"] for r in rows})
+        axes[2].set_xscale("log")
+        axes[2].set_xticks(ns, [str(n) for n in ns])
+        axes[2].minorticks_off()
         axes[2].set(
-            xscale="log",
             yscale="log",
             xlabel="snapshots (of each of 2 averages)",
             ylabel="max error / weight movement",
@@ -195,3 +199,12 @@ def write(result: dict, summarise) -> None:
     plot(result, summary, RESULTS / f"{stem}.png")
     print(text)
     print(f"results written to {RESULTS / stem}.{{json,md,png}}")
+
+
+if __name__ == "__main__":  # re-render the Markdown and the plot of a result file
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import posthoc
+
+    write(json.loads(Path(sys.argv[1]).read_text()), posthoc.summary)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,33 @@ def test_the_readme_example_runs(monkeypatch, tmp_path):
     scope: dict = {}
     exec(compile(code, "README post-hoc", "exec"), scope)
     assert scope["avg"].fit < 3e-3 and len(scope["sweep"]) == 5
+
+
+def test_the_readme_accuracy_table_is_the_committed_benchmark_result():
+    root = Path(__file__).resolve().parents[1]
+    results = sorted((root / "benchmarks" / "results").glob("*_posthoc_*[0-9].json"))
+    assert results, "no committed benchmarks/posthoc.py result"
+    report = runpy.run_path(str(root / "benchmarks" / "posthoc_report.py"))
+    table = report["readme_table"](json.loads(results[-1].read_text()))
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- posthoc-table:start -->\n")[1].split("\n<!-- posthoc-table:end")[0]
+    assert block.strip() == table.strip()
+
+
+def test_empty_tensors_and_float64_outputs(tmp_path):
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(3, 4))
+    model.empty = torch.nn.Parameter(torch.zeros(0, 4))
+    model.register_buffer("count", torch.zeros((), dtype=torch.int64))
+    ph = polyak.PostHocEMA(model, tmp_path, snapshot_every=5, snapshot_dtype=torch.float32)
+    for _ in range(20):
+        with torch.no_grad():
+            model.w.add_(0.1)
+            model.count += 1
+        ph.update()
+    ph.close()
+    rec = polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.1, dtype=torch.float64)
+    assert rec["empty"].shape == (0, 4) and rec["count"].item() == 20
+    assert rec["w"].dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype"):
+        polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.1, dtype=torch.float16)

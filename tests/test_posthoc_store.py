@@ -297,3 +297,22 @@ def test_bad_arguments_are_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         polyak.PostHocEMA(model, tmp_path, sigma_rels=(0.05,))  # one average is allowed
+
+
+def test_a_failed_write_is_raised_by_the_next_snapshot_which_is_still_taken(tmp_path, monkeypatch):
+    model, ph = _new(tmp_path)
+    original, calls = writer._save, []
+
+    def fail_first(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return original(*args)
+
+    monkeypatch.setattr(writer, "_save", fail_first)
+    _train(ph, model, 10)  # the write of step 10 fails in the background
+    with pytest.raises(polyak.posthoc.SnapshotWriteError, match=r"step 10 .*disk full"):
+        _train(ph, model, 10, start=11)  # raised by the snapshot of step 20...
+    ph.close()
+    steps = [s["step"] for s in polyak.posthoc.list_snapshots(tmp_path).snapshots]
+    assert steps == [20]  # ...which was taken all the same

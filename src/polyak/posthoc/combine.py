@@ -157,6 +157,11 @@ class _Pass:
             item = max((e.dtype.itemsize for e in entries if e.name in averaged), default=1)
             slots = [_Slot(n, width, item, self.dtype) for _ in range(_SLOTS)]
             steps = list(_steps(entries, averaged, width))
+            if not accumulate:
+                for e in entries:
+                    if e.name in averaged:
+                        for out in outputs:
+                            out[e.name] = torch.empty(e.shape, dtype=self.dtype)
             self._consume(streams, steps, slots, copy_row, outputs, accumulate)
             for s in streams:
                 s.finish()
@@ -208,10 +213,6 @@ class _Pass:
         self, step: _Step, slot: _Slot, outputs: list[dict[str, torch.Tensor]], accumulate: bool
     ) -> None:
         run, a, c = step.run, step.a, step.c
-        if a == 0 and not accumulate:
-            for e in run:
-                for out in outputs:
-                    out[e.name] = torch.empty(e.shape, dtype=self.dtype)
         result = self.w @ slot.matrix[:, :c]  # row 0 (the anchor) is 0 in the matrix
         if not accumulate:
             result += slot.anchor[:c]

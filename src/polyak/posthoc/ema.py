@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import polyak
 from polyak import schedules
 from polyak._horizon import SIGMA_REL_MAX, integer, real_in
 from polyak.posthoc import store
-from polyak.posthoc.writer import Retention, SnapshotWriter
+from polyak.posthoc.writer import Retention, SnapshotWriteError, SnapshotWriter
 
 __all__ = ["PostHocEMA"]
 
@@ -66,8 +67,9 @@ class PostHocEMA:
         directory: the store (created at the first snapshot).
         sigma_rels: EDM2 relative widths of the averages kept (EDM2: 0.05 and 0.10).
         snapshot_every: take a snapshot when the optimizer step reaches a multiple of this.
-        snapshot_dtype: dtype of the files. float16 (EDM2's choice) halves the disk and adds
-            an error of ~1e-4 of the weights' size to a reconstruction (README, "Post-hoc EMA").
+        snapshot_dtype: dtype of the files. float16 (EDM2's choice) halves the disk and the
+            reading time and adds ~3e-4 of the largest weight to a reconstruction within the
+            stored widths (more for narrower targets: ``reconstruct`` warns).
         keep_live: also store the live weights at each snapshot (for
             :func:`polyak.posthoc.window_average`); costs one more average in memory (a copy
             kept at every update) and one more file per snapshot.
@@ -132,12 +134,11 @@ class PostHocEMA:
         decays: dict[str, Any] = {p.name: p for _, p in power.values()}
         if keep_live:
             decays[LIVE] = schedules.constant(0.0)  # a copy of the live weights at each update
-        import polyak
-
         self.ema = polyak.EMA(model, decays, **ema_kwargs)
         self.sigma_rels = tuple(rels)
         self.run_id = _shared_run_id()
         self._writer: SnapshotWriter | None = None
+        self._writes = True  # False on DDP ranks other than 0 (rank 0 writes)
         self._staging: dict[str, dict[str, torch.Tensor]] | None = None
         self._last_snapshot: int | None = None
 
@@ -154,7 +155,9 @@ class PostHocEMA:
         """Copy the averages to host memory now and write them in the background.
 
         Blocks only for the copy (and for the previous write, if it is still running). Returns
-        the step of the snapshot; a second call at the same step does nothing.
+        the step of the snapshot; a second call at the same step does nothing. If the previous
+        write failed, this snapshot is still taken and then that failure is raised
+        (:class:`SnapshotWriteError`).
         """
         step = self.ema.step
         if step == self._last_snapshot:
@@ -164,11 +167,17 @@ class PostHocEMA:
         if writer is None:  # a DDP rank other than 0: rank 0 writes the replicated averages
             self._last_snapshot = step
             return step
-        writer.wait()  # the staging buffers are free again
+        failed: SnapshotWriteError | None = None
+        try:
+            writer.wait()  # the staging buffers are free again
+        except SnapshotWriteError as e:
+            failed = e
         timeline = state["timeline"]
         payload = self._stage(state)
         writer.submit(step, timeline["last_update_step"] - timeline["start_step"], payload)
         self._last_snapshot = step
+        if failed is not None:
+            raise failed
         return step
 
     def wait(self) -> None:
@@ -187,7 +196,8 @@ class PostHocEMA:
     def _make_writer(self, state: dict[str, Any]) -> SnapshotWriter | None:
         rank, world = _distributed()
         sharded = "shards" in state
-        if world > 1 and not sharded and rank != 0:
+        if not self._writes or (world > 1 and not sharded and rank != 0):
+            self._writes = False
             return None
         shards = state.get("shards", {})
         first = next(iter(self._averages.values()))[0]

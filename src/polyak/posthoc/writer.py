@@ -157,9 +157,17 @@ class SnapshotWriter:
         if self._error is not None:
             step, error = self._error
             self._error = None
+            kept = self._manifest is not None and any(
+                s["step"] == step for s in self._manifest["snapshots"]
+            )
+            state = (
+                "the snapshot is in the store; a later stage failed"
+                if kept
+                else "the store holds the snapshots before it"
+            )
             raise SnapshotWriteError(
                 f"writing the snapshot of step {step} to {self.directory} failed "
-                f"({type(error).__name__}: {error}); the store holds the snapshots before it"
+                f"({type(error).__name__}: {error}); {state}"
             ) from error
 
     close = wait

@@ -2,14 +2,15 @@
 # Set up polyak in ./.venv on a fresh machine (idempotent).
 #   bash scripts/setup.sh          # the library, torch and the study's dependencies
 #   bash scripts/setup.sh --test   # ... plus test, lint and peer libraries (torch_ema, ema-pytorch,
-#                                  #     diffusers, timm) for the differential tests
+#                                  #     diffusers, timm) for the differential tests, and JAX
+#                                  #     (jax, optax, flax, equinox: polyak.jax and its peers)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="torch,study"
-if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev"; fi
+if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev,jax"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)

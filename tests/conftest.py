@@ -19,3 +19,9 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items):
+    """The JAX tests run last: once JAX has started its runtime (threads), an os.fork() in this
+    process (the study's forked workers) warns and could deadlock."""
+    items.sort(key=lambda item: item.path.name.startswith("test_jax"))

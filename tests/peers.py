@@ -2,8 +2,8 @@
 
 timm's package imports torchvision at import time, and the registry's torchvision does not load
 with the CPU torch used here. ``timm/utils/model_ema.py`` itself imports only torch, so the
-benchmark's loader (:func:`polyak._torch.bench_candidates.timm_model_ema`) loads that one file by
-path (a documented shim; timm's code is used unchanged, not copied).
+benchmark's loader (:func:`polyak.bench.peers.timm_model_ema`) loads that one file by path
+(timm's installed file, used unchanged, not copied).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import types
 
 def timm_model_ema() -> types.ModuleType | None:
     """timm's ``model_ema`` module, or ``None`` (with the reason printed) if it cannot load."""
-    from polyak._torch.bench_candidates import timm_model_ema as load
+    from polyak.bench.peers import timm_model_ema as load
 
     try:
         return load()

@@ -7,7 +7,7 @@ import pytest
 
 import polyak
 import reference
-from polyak import schedules
+from polyak import ArrayEMA, schedules
 
 rng = np.random.default_rng(1)
 
@@ -179,3 +179,71 @@ def test_bad_input():
     np.testing.assert_array_equal(ema.get(), before)
     with pytest.raises(ValueError, match="format"):
         ema.load_state_dict({"format": "other"})
+
+
+def test_integer_dtype_is_refused():
+    with pytest.raises(TypeError, match="floating NumPy dtype"):
+        ArrayEMA(np.zeros(3), dtype=np.int32)
+    with pytest.raises(TypeError, match="floating NumPy dtype"):
+        ArrayEMA(np.zeros(3), dtype="not a dtype")
+
+
+def test_keeps_its_own_structure_and_matches_dict_keys_in_any_order():
+    params = {"w": np.zeros(2), "b": np.zeros(1)}
+    ema = ArrayEMA(params, 0.5)
+    params["new"] = np.zeros(4)  # the caller edits its dict afterwards
+    assert set(ema.get()) == {"w", "b"}
+    ema.update({"b": np.ones(1), "w": np.ones(2)})
+    assert ema.get()["b"].tolist() == [0.5]
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip", "propagate"])
+def test_nonfinite_modes(mode):
+    ema = ArrayEMA([np.zeros(2), np.zeros(1)], 0.5, nonfinite=mode)
+    ema.update([np.ones(2), np.ones(1)])
+    bad = [np.array([1.0, np.inf]), np.ones(1)]
+    if mode == "raise":
+        with pytest.raises(polyak.NonFiniteError, match=r"\[0\]") as info:
+            ema.update(bad)
+        assert info.value.names == ["[0]"] and ema.step == 1
+    else:
+        ema.update(bad)
+        assert ema.step == 2
+    if mode == "skip":
+        assert ema.skipped_updates == 1 and ema.get()[0].tolist() == [0.5, 0.5]
+    if mode == "propagate":
+        with pytest.warns(UserWarning, match=r"holds inf/nan at \['\[0\]'\]"):
+            ema.get()
+
+
+def test_load_checks_every_field_and_changes_nothing_on_failure():
+    ema = ArrayEMA([np.zeros(2), np.zeros(1)], {"a": 0.5, "b": 0.9})
+    ema.update([np.ones(2), np.ones(1)])
+    state = ema.state_dict()
+    before = ema.state_dict()
+    spoilers = [
+        lambda s: s["averages"].__setitem__("b", s["averages"]["b"][:1]),
+        lambda s: s["averages"]["b"].__setitem__(0, np.array([1.0, np.nan])),
+        lambda s: s["averages"]["b"].__setitem__(0, np.array([1, 2])),
+        lambda s: s["leftover"].__setitem__("b", 2.0),
+        lambda s: s.pop("leftover"),
+        lambda s: s["timeline"].__setitem__("last_decays", [0.5]),
+        lambda s: s["timeline"]["schedules"]["b"].__setitem__("kind", "warmup"),
+    ]
+    for spoil in spoilers:
+        bad = {**state, "averages": {k: list(v) for k, v in state["averages"].items()}}
+        bad["leftover"] = dict(state["leftover"])
+        bad["timeline"] = {
+            **state["timeline"],
+            "schedules": {k: dict(v) for k, v in state["timeline"]["schedules"].items()},
+        }
+        spoil(bad)
+        with pytest.raises((ValueError, TypeError)):
+            ema.load_state_dict(bad)
+        now = ema.state_dict()
+        assert now["timeline"] == before["timeline"] and now["leftover"] == before["leftover"]
+        for name in ("a", "b"):
+            for x, y in zip(now["averages"][name], before["averages"][name]):
+                assert np.array_equal(x, y)
+    with pytest.raises(TypeError, match="must be a mapping"):
+        ema.load_state_dict([1])

@@ -7,9 +7,11 @@ import json
 import os
 
 import pytest
+import torch
 
+import polyak
 from polyak import bench
-from polyak._torch import bench_candidates, bench_models
+from polyak.bench import models, peers, probes
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,11 @@ def test_quick_run_times_and_checks_every_candidate(quick_result):
         for row in section["rows"]:
             assert row["median_s"] > 0 and row["q1_s"] <= row["q3_s"]
             if row["kind"] == "polyak":
-                assert row["allocated"] == 0, row
+                if "nonfinite" not in row["name"]:  # its finiteness check allocates the norms
+                    assert row["allocated"] == 0, row
                 assert row["err"] < 1e-5 and abs(row["moved"] - 1) < 1e-3, row
+        if section["shape"] == "transformer":
+            assert {"polyak nonfinite=raise", "polyak nonfinite=skip"} <= names
     fp32 = {r["name"]: r for r in result["sections"][0]["rows"]}
     assert "foreach (cached lists)" in fp32
     for peer in ("AveragedModel", "timm-V3", "torch_ema", "ema-pytorch-foreach"):
@@ -57,6 +62,10 @@ def test_quick_run_times_and_checks_every_candidate(quick_result):
     assert rows["bfloat16, stochastic rounding"]["moved"] == pytest.approx(1.0, abs=0.2)
     goals = {g["goal"] for g in result["goals"]}
     assert "flat_params update, transformer" in goals
+    assert "Python overhead per update, 1000 one-element tensors" in goals
+    sweep = result["sweep"]["rows"]
+    assert [r["tensors"] for r in sweep] == list(bench.SWEEP_TENSORS) == [8, 100, 400, 1000]
+    assert all(r["kernels_s"] > 0 and r["default_s"] == r["default_s"] for r in sweep)
     assert result["load"]["before"] and result["load"]["after"]
 
 
@@ -71,23 +80,26 @@ def test_results_files_name_machine_and_versions(quick_result):
     assert saved["versions"]["torch"] == result["versions"]["torch"]
     text = (out / files[1]).read_text()
     assert "| polyak flat_params |" in text and "### goals" in text and "load average" in text
+    assert "### Python overhead per update against the tensor count" in text
+    assert "| 1000 |" in text
 
 
 def test_a_failing_peer_is_skipped_with_its_reason(monkeypatch, capsys):
-    real = bench_candidates.make_peer
+    real = peers.make_peer
 
     def broken(name, model, decay):
         if name == "torch_ema":
             raise ImportError("No module named 'torch_ema'")
         return real(name, model, decay)
 
-    monkeypatch.setattr("polyak._torch.bench_run.make_peer", broken)
+    monkeypatch.setattr("polyak.bench.run.make_peer", broken)
     config = bench.BenchConfig(
         quick=True,
         shapes=("mlp",),
         peers=("torch_ema", "AveragedModel"),
         multi=0,
         precision=False,
+        sweep=False,
         output_dir=None,
     )
     config.scale = 0.01
@@ -98,7 +110,7 @@ def test_a_failing_peer_is_skipped_with_its_reason(monkeypatch, capsys):
 
 
 def test_timm_loads_by_path_without_torchvision():
-    module = bench_candidates.timm_model_ema()
+    module = peers.timm_model_ema()
     assert hasattr(module, "ModelEmaV3")
 
 
@@ -125,21 +137,39 @@ def test_cli_flags_map_to_config():
     assert config.output_dir is None and config.multi == 0 and not config.precision
     assert config.repeats == 3  # quick mode caps the rounds
     assert bench.config_from_args(parser.parse_args([])) == bench.BenchConfig()
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown shape vgg; choose from transformer, mlp"):
         bench.BenchConfig(shapes="vgg")
     with pytest.raises(ValueError, match="repeats"):
         bench.BenchConfig(repeats=0)
-    assert bench.SHAPES == bench_models.SHAPES
-    assert set(bench.PEERS) == set(bench_candidates.PEERS)
+    assert bench.BenchConfig(peers="").peers == ()
 
 
 def test_resnet50_layout_matches_the_reference_architecture():
-    info = bench_models.describe(bench_models.build_model("resnet50"))
+    info = models.describe(models.build_model("resnet50"))
     assert info == {
         "param_tensors": 161,
         "params": 25_557_032,
         "buffer_tensors": 159,
         "float_buffer_elements": 53_120,
     }
-    t = bench_models.describe(bench_models.build_model("transformer", 0.05))
+    t = models.describe(models.build_model("transformer", 0.05))
     assert t["param_tensors"] == 399
+
+
+def test_bare_kernels_are_the_update_and_flattened_sees_flat_params():
+    """The overhead probes subtract exactly the update's kernels (lerps and copies)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model(torch.randn(8, 3))  # BN statistics and num_batches_tracked move
+    ema, twin = polyak.EMA(model, 0.9), polyak.EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(8, 3))
+    ema.update()
+    probes.bare_kernels(twin, 0.9)()
+    ours, theirs = ema.averaged_tensors(), twin.averaged_tensors()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert theirs["1.num_batches_tracked"] == 2
+    assert not probes.flattened(twin)
+    assert probes.flattened(polyak.EMA(models.one_element_tensors(50), 0.9, flat_params=True))

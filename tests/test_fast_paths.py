@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import polyak
 from polyak import schedules
-from polyak._torch import update as kernels
+from polyak._torch import groups as kernels
 from polyak._torch.rounding import seed_for, stochastic_round_
 from torch_helpers import Tied, bn_net
 
@@ -79,8 +79,8 @@ def _run_against_reference(model, decay_lists, *, flat=False, dtype=None, steps=
         gen.set_state(gen_state)
         _move(ref_model, gen)
         decays = [float(d[step % len(d)]) for d in decay_lists]
-        ema._refresh()
-        ema._apply(tuple(decays))
+        ema._binding.check()
+        ema._binding.apply(tuple(decays), step)
         _reference_update(lives, avgs, decays)
     names = _named_floats(ref_model)
     for k, name in enumerate(ema.names):
@@ -100,7 +100,7 @@ def test_float32_paths_equal_reference_bit_for_bit(k, flat, block, monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK", block)
     torch.manual_seed(0)
     ema = _run_against_reference(Mixed(), DECAYS[:k], flat=flat)
-    group = ema._groups[0]
+    group = ema._binding.groups[0]
     assert group.fused == (k > 1)
     if block == 64 and k > 1:
         assert len(group.block_avg) > len(group.rows[0])  # big tensors were cut into blocks
@@ -114,15 +114,15 @@ def test_bf16_model_staged_paths_equal_reference(k, flat, chunk, monkeypatch):
     torch.manual_seed(0)
     model = Mixed().to(torch.bfloat16)
     ema = _run_against_reference(model, DECAYS[:k], flat=flat)
-    assert any(isinstance(g, kernels.StagedGroup) for g in ema._groups)
+    assert any(isinstance(g, kernels.StagedGroup) for g in ema._binding.groups)
 
 
 def test_flat_params_makes_one_kernel_and_keeps_the_model_working():
     torch.manual_seed(0)
     model, twin = bn_net(), bn_net()
     ema = polyak.EMA(model, 0.9, flat_params=True)
-    assert [g.kernels for g in ema._groups] == [1]  # params + BN stats: one lerp
-    assert [g.kernels for g in ema._copy_groups] == [1]
+    assert [g.launches for g in ema._binding.groups] == [1]  # params + BN stats: one lerp
+    assert [g.launches for g in ema._binding.copy_groups] == [1]
     storages = {t.untyped_storage().data_ptr() for t in model.parameters()}
     assert len(storages) == 1
     for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
@@ -164,7 +164,7 @@ def test_flat_params_keeps_weight_tying_and_follows_to_and_replaced_data():
     )
     model.to("cpu")  # a no-op move keeps the layout
     ema.update()
-    assert ema._groups[0].kernels == 1
+    assert ema._binding.groups[0].launches == 1
     model.double()  # new scattered float64 tensors: flattened again at the next update
     ema.update()
     assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
@@ -189,7 +189,7 @@ def test_flat_params_swapped_and_warns_where_it_cannot_apply():
         pass
     assert torch.equal(model.fc.weight, live)
     ema.update()
-    assert sum(g.kernels for g in ema._groups) < 8
+    assert sum(g.launches for g in ema._binding.groups) < 8
 
 
 def test_flat_params_training_through_torch_compile():
@@ -214,7 +214,7 @@ def test_several_averages_fused_equal_separate_emas_bit_for_bit_with_schedules()
     model = Mixed()
     multi = polyak.EMA(model, decays)
     singles = [polyak.EMA(model, d) for d in decays]
-    assert multi._groups[0].fused
+    assert multi._binding.groups[0].fused
     gen = torch.Generator().manual_seed(3)
     for _ in range(12):
         _move(model, gen)
@@ -395,7 +395,7 @@ def test_compiled_update_equals_eager_bit_for_bit_and_allocates_nothing():
         twin = copy.deepcopy(model)
         fast = polyak.EMA(model, decays, flat_params=True, compile_update=True)
         slow = polyak.EMA(twin, decays)
-        assert fast._groups[0].compiled is not None
+        assert fast._binding.groups[0].compiled is not None
         for _ in range(4):
             state = gen.get_state()
             _move(model, gen)
@@ -416,4 +416,4 @@ def test_compiled_update_equals_eager_bit_for_bit_and_allocates_nothing():
 def test_compiled_update_without_flat_weights_warns_and_stays_eager():
     with pytest.warns(UserWarning, match="flat_params=True"):
         ema = polyak.EMA(bn_net(), [0.9, 0.99], compile_update=True)
-    assert ema._groups[0].compiled is None
+    assert ema._binding.groups[0].compiled is None

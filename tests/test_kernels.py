@@ -142,7 +142,7 @@ def test_bad_input_is_named_and_leaves_avg_untouched():
     with pytest.raises(ValueError, match=r"\[1\].*\(3,\).*\(4,\)"):
         polyak.ema_update_(avg, [np.ones(2), np.ones(4)], 0.5)
     assert not avg[0].any()  # the first, valid pair was not written either
-    with pytest.raises(ValueError, match="missing from value: \\[\"\\['b'\\]\"\\]"):
+    with pytest.raises(ValueError, match="leaves differ from avg's: missing \\[\"\\['b'\\]\"\\]"):
         polyak.ema_update({"a": np.zeros(1), "b": np.zeros(1)}, {"a": np.ones(1)}, 0.5)
     with pytest.raises(ValueError, match="missing"):
         polyak.ema_update([np.zeros(1)] * 2, [np.zeros(1)], 0.5)
@@ -168,3 +168,59 @@ def test_import_polyak_does_not_import_torch():
         "import sys, polyak; polyak.ArrayEMA; polyak.schedules; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("make", [np.array, torch.tensor])
+def test_decay_one_and_zero_are_exact_for_inf_and_nan(make):
+    avg = make([1.0, 2.0, 3.0])
+    bad = make([float("inf"), float("nan"), -float("inf")])
+    polyak.ema_update_(avg, bad, decay=1.0)
+    assert list(avg.tolist()) == [1.0, 2.0, 3.0]  # untouched, not 0 * inf = nan
+    polyak.ema_update_(avg, bad, decay=0.0)
+    out = avg.tolist()
+    assert out[0] == float("inf") and out[1] != out[1] and out[2] == -float("inf")  # a copy
+    assert polyak.ema_update(make([5.0]), make([float("nan")]), 1.0).tolist() == [5.0]
+
+
+def test_numpy_float16_does_not_overflow_where_torch_does_not():
+    a = np.array([-6e4], dtype=np.float16)
+    polyak.ema_update_(a, np.array([6e4], dtype=np.float16), 0.5)
+    t = torch.tensor([-6e4], dtype=torch.float16)
+    polyak.ema_update_(t, torch.tensor([6e4], dtype=torch.float16), 0.5)
+    assert a[0] == 0.0 and t.item() == 0.0
+
+
+def test_dicts_with_the_same_keys_in_another_order_match_by_key():
+    avg = {"a": np.zeros(1), "b": np.zeros(2)}
+    polyak.ema_update_(avg, {"b": np.ones(2), "a": np.full(1, 2.0)}, 0.5)
+    assert avg["a"].tolist() == [1.0] and avg["b"].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: np.zeros(3)[np.newaxis].repeat(1, 0)[0].view(),  # writable (control, below)
+        lambda: np.broadcast_to(np.zeros(1), (3,)),  # read-only view
+        lambda: torch.zeros(1).expand(3),  # elements that share memory
+    ],
+)
+def test_a_later_leaf_that_cannot_be_written_is_found_before_the_first_write(bad):
+    leaf = bad()
+    first = np.zeros(3) if isinstance(leaf, np.ndarray) else torch.zeros(3)
+    avg = [first, leaf]
+    value = [np.ones(3), np.ones(3)] if isinstance(leaf, np.ndarray) else [torch.ones(3)] * 2
+    writable = isinstance(leaf, np.ndarray) and leaf.flags.writeable
+    if writable:
+        polyak.ema_update_(avg, value, 0.5)
+        assert first.tolist() == [0.5] * 3
+        return
+    with pytest.raises(ValueError, match=r"at \[1\]"):
+        polyak.ema_update_(avg, value, 0.5)
+    assert first.tolist() == [0.0] * 3
+
+
+def test_complex_value_into_a_real_average_is_refused():
+    with pytest.raises(TypeError, match="imaginary part would be dropped"):
+        polyak.ema_update_([np.zeros(2), np.zeros(2)], [np.ones(2), np.ones(2) * 1j], 0.5)
+    with pytest.raises(TypeError, match="imaginary"):
+        polyak.ema_update_(torch.zeros(2), torch.ones(2, dtype=torch.cfloat), 0.5)

@@ -1,4 +1,4 @@
-"""Differential tests against peer libraries, and each peer bug in scope (peers.md)."""
+"""Differential tests against peer libraries, and each peer bug in scope."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_matches_diffusers_ema_model_warmup():
 
 
 def test_bf16_model_average_does_not_freeze():
-    """peers.md pain point 3: a bf16 average at decay 0.9999 never moves from 1.0 towards 1.5."""
+    """torch's AveragedModel keeps a bf16 model's average in bf16 (torch/optim/swa_utils.py):
+    at decay 0.9999 every update is below half an ulp, and it never moves from 1.0 to 1.5."""
     model = nn.Linear(8, 8, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         model.weight.fill_(1.0)

@@ -273,8 +273,10 @@ def test_a_snapshot_that_does_not_fit_float16_is_refused_by_name(tmp_path):
         model[0].weight[0, 0] = 1e5
     ph.update()  # the first update copies the weights
     ph.snapshot()
-    with pytest.raises(polyak.posthoc.SnapshotWriteError, match=r"0\.weight.*65504"):
+    with pytest.raises(polyak.posthoc.SnapshotWriteError, match=r"0\.weight.*65504") as caught:
         ph.wait()
+    assert isinstance(caught.value.__cause__, polyak.NonFiniteError)
+    assert caught.value.__cause__.names == ["0.weight"]
     assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.iterdir())
 
 

@@ -31,7 +31,7 @@ def test_morales_brotons_decays_counted_per_ema_update():
 
 def test_morales_brotons_reaches_cap_only_after_4490_updates():
     sched = presets.morales_brotons()["decay"]["0.998"]
-    s = 4490  # literature.md §1.8: (s+1)/(s+10) >= 0.998 from s = 4490 (0-based)
+    s = 4490  # (s+1)/(s+10) >= 0.998  <=>  0.002 s >= 8.98  <=>  s >= 4490 (0-based)
     assert sched(16 * s, 16) < 0.998 and sched(16 * (s + 1), 16) == pytest.approx(0.998)
 
 

@@ -47,6 +47,13 @@ def test_horizon_table_matches_the_code():
     assert block.strip() == text.strip()
 
 
+def test_the_test_command_runs_the_docstring_examples():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    addopts = re.search(r'^addopts = "(.*)"$', pyproject, flags=re.M)
+    assert addopts and "--doctest-modules" in addopts.group(1).split()
+    assert 'testpaths = ["tests", "src/polyak"]' in pyproject
+
+
 def test_ci_script_fails_on_errors_and_uses_pinned_torch():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "set -euo pipefail" in ci

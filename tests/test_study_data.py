@@ -462,8 +462,10 @@ def test_resolve_explicit_names(tmp_path):
     )
     ds, message = resolve_dataset("diabetes", seed=2)
     assert ds.task == "regression" and "diabetes" in message
-    ds, message = resolve_dataset("digits")
+    ds, message = resolve_dataset("digits", tmp_path)
     assert ds.name == "digits" and "apt-get install dataset-fashion-mnist" in message
+    _, message = resolve_dataset("digits", fake)  # installed: no advice to install it
+    assert "Fashion-MNIST" not in message and "apt-get" not in message
     with pytest.raises(ValueError, match="unknown dataset 'cifar'") as info:
         resolve_dataset("cifar")
     assert all(name in str(info.value) for name in DATASET_NAMES)

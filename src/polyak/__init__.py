@@ -1,7 +1,8 @@
 """polyak: averages of neural-network weights (EMA, uniform/SWA, power-function/EDM2).
 
-``import polyak`` imports NumPy only. The PyTorch API (:class:`EMA`) is imported on first use,
-so the NumPy API works without torch installed.
+``import polyak`` imports NumPy only. The PyTorch API (:class:`EMA`, the workflows) is imported on
+first use, so the NumPy API works without torch installed; without it, ``polyak.EMA`` raises an
+``ImportError`` that says how to install it.
 
 Example:
     >>> import numpy as np, polyak
@@ -12,16 +13,18 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from polyak import schedules
 from polyak.array_ema import ArrayEMA
+from polyak.errors import ModelChangedError, NonFiniteError
 from polyak.kernels import ema_update, ema_update_
 
-if TYPE_CHECKING:
-    from polyak import metrics, presets
+if _TYPE_CHECKING:
+    from polyak import metrics, posthoc, presets
     from polyak._torch.ema import EMA
+    from polyak.posthoc import PostHocEMA
     from polyak.workflows import (
         EarlyStopping,
         ensemble_predictions,
@@ -34,7 +37,9 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
+# Public names imported on first use: name -> (module, attribute; None: the module itself).
+# A new name goes here, in __all__, and under _TYPE_CHECKING above (for type checkers).
+_LAZY: dict[str, tuple[str, str | None]] = {
     "EMA": ("polyak._torch.ema", "EMA"),
     "metrics": ("polyak.metrics", None),
     "presets": ("polyak.presets", None),
@@ -49,10 +54,15 @@ _LAZY = {
     "posthoc": ("polyak.posthoc", None),
 }
 
+# An optional dependency (top-level module) -> the extra that installs it.
+_EXTRAS = {"torch": "torch"}
+
 __all__ = [
     "EMA",
     "ArrayEMA",
     "EarlyStopping",
+    "ModelChangedError",
+    "NonFiniteError",
     "PostHocEMA",
     "__version__",
     "ema_update",
@@ -70,15 +80,25 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module_name, attr = _LAZY[name]
-        module = importlib.import_module(module_name)
-        value = module if attr is None else getattr(module, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'polyak' has no attribute {name!r}")
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'polyak' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    try:
+        module = _importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root not in _EXTRAS:
+            raise
+        raise ImportError(
+            f"polyak.{name} needs {root}, which is not installed: "
+            f'pip install "polyak[{_EXTRAS[root]}]"',
+            name=e.name,
+        ) from e
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(__all__)

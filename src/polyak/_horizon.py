@@ -192,8 +192,9 @@ def decay_to_sigma_rel(decay: float, total_steps: float) -> float:
 
     The weight a constant-decay EMA gives to the value ``k`` steps old is ``(1-d) d**k``: a
     geometric distribution of age with standard deviation ``sqrt(d) / (1 - d)``. Divided by the
-    run length it is comparable with EDM2's ``sigma_rel`` (Karras et al. 2024, Sec. 3;
-    literature.md, notation), valid while the window is short against the run.
+    run length it is comparable with EDM2's ``sigma_rel`` (Karras et al., "Analyzing and
+    Improving the Training Dynamics of Diffusion Models", CVPR 2024, Sec. 3), valid while the
+    window is short against the run.
 
     Args:
         decay: a decay in ``(0, 1)``.

@@ -2,7 +2,7 @@
 
 A :class:`Timeline` turns "``k`` more optimizer steps happened" into "update now with these
 decays" for one or several averages. It implements, once, the rules that make a horizon mean
-what it says (DESIGN.md rule 2):
+what it says:
 
 * ``update_every=k``: the averages change every ``k`` optimizer steps and each change applies the
   schedule over the whole gap (``decay**k`` for a constant decay, ``(1 - k/t)**(gamma+1)`` for a
@@ -18,11 +18,12 @@ leave every counter untouched when a kernel raises.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from warnings import warn
 
+from polyak._names import check_names
 from polyak.schedules import Schedule, as_schedule
 
 __all__ = ["Plan", "Timeline", "TimelineViews", "parse_decays"]
@@ -144,8 +145,15 @@ class Timeline:
             "schedules": {n: s.state_dict() for n, s in zip(self.names, self.schedules)},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counters and schedule state; the averages' names must match exactly."""
+    def stage_state(self, state: Any) -> Callable[[], None]:
+        """Check a :meth:`state_dict` and return the function that loads it (all or nothing).
+
+        Every field and every schedule's state is checked first; the counters must be
+        consistent (``last_update_step <= step``, ``num_updates <= step``, one last decay in
+        [0, 1] per average). Nothing changes until the returned function is called.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"timeline state must be a mapping, got {type(state).__name__}")
         try:
             schedules = state["schedules"]
             step = _check_int(state["step"], "step", 0)
@@ -153,25 +161,50 @@ class Timeline:
             num = _check_int(state["num_updates"], "num_updates", 0)
         except KeyError as e:
             raise ValueError(f"timeline state is missing the field {e.args[0]!r}") from None
-        missing = [n for n in self.names if n not in schedules]
-        extra = [n for n in schedules if n not in self.names]
-        if missing or extra:
+        if last > step or num > step:
             raise ValueError(
-                f"averages differ from the saved state: missing {missing}, unexpected {extra}"
+                f"inconsistent timeline state: step={step}, last_update_step={last}, "
+                f"num_updates={num} (neither may exceed step)"
             )
-        for field in ("update_every", "start_step"):
-            if field in state and state[field] != getattr(self, field):
+        decays = state.get("last_decays")
+        if decays is not None:
+            if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence):
+                raise TypeError(f"last_decays must be a list of floats, got {decays!r:.80}")
+            if len(decays) != len(self.names) or not all(
+                isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0
+                for d in decays
+            ):
+                raise ValueError(
+                    f"last_decays must hold {len(self.names)} decays in [0, 1], got {decays!r}"
+                )
+        if not isinstance(schedules, Mapping):
+            raise TypeError(f"timeline schedules must be a mapping, got {schedules!r:.80}")
+        check_names(self.names, schedules, "the saved schedules")
+        commits = [s.stage_state(schedules[n]) for n, s in zip(self.names, self.schedules)]
+        differ = [
+            (field, state[field])
+            for field in ("update_every", "start_step")
+            if field in state and state[field] != getattr(self, field)
+        ]
+
+        def commit() -> None:
+            for load in commits:
+                load()
+            for field, saved in differ:
                 warn(
-                    f"{field} is {getattr(self, field)} here but was {state[field]} when saved; "
+                    f"{field} is {getattr(self, field)} here but was {saved} when saved; "
                     f"keeping {getattr(self, field)}",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        for name, schedule in zip(self.names, self.schedules):
-            schedule.load_state_dict(schedules[name])
-        decays = state.get("last_decays")
-        self.step, self.last_update_step, self.num_updates = step, last, num
-        self.last_decays = None if decays is None else tuple(float(d) for d in decays)
+            self.step, self.last_update_step, self.num_updates = step, last, num
+            self.last_decays = None if decays is None else tuple(float(d) for d in decays)
+
+        return commit
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters and schedule state; see :meth:`stage_state`."""
+        self.stage_state(state)()
 
 
 class TimelineViews:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from polyak._names import check_names
+from polyak._state import check_header
 from polyak._timeline import Timeline, TimelineViews
 from polyak._tree import flatten, rebuild
+from polyak.errors import NonFiniteError
 from polyak.kernels import _np_lerp_
 
 __all__ = ["ArrayEMA"]
 
 _FORMAT = "polyak.ArrayEMA"
 _VERSION = 1
+_NONFINITE = ("propagate", "raise", "skip")
+_PLACEHOLDER = np.empty(0)
 
 
 class ArrayEMA(TimelineViews):
@@ -38,8 +44,13 @@ class ArrayEMA(TimelineViews):
     *copy*-initialised average, which is wrong: a constant input ``c`` then reads
     ``c / (1 - decay**t)``, far above ``c`` early on. For ``init="copy"`` the correction needs
     ``x_0``, so one extra copy of the arrays is kept. (To *store* the corrected average instead,
-    use ``decay=polyak.schedules.debiased(d)``: the same numbers with no extra copy.) See
-    literature.md §4.1.
+    use ``decay=polyak.schedules.debiased(d)``: the same numbers with no extra copy.)
+
+    Non-finite values: with ``nonfinite="propagate"`` (default) an ``inf``/``nan`` in ``params``
+    enters the average, and :meth:`get` warns; ``"raise"`` raises :class:`polyak.NonFiniteError`
+    naming the arrays (nothing changes); ``"skip"`` leaves the averages as they were for that
+    update, as a decay of 1 would (:attr:`skipped_updates` counts them); the step still counts.
+    Both read the values once more per update.
 
     Args:
         params: an array, or a list / tuple / dict tree of float arrays (the initial values).
@@ -49,6 +60,7 @@ class ArrayEMA(TimelineViews):
         update_every: change the averages every this many calls of :meth:`update`, applying the
             schedule over the whole gap (``decay**k``), so the horizon does not change.
         start_step: calls up to this step copy the values instead of averaging.
+        nonfinite: ``"propagate"``, ``"raise"`` or ``"skip"`` (see above).
 
     Example:
         >>> import numpy as np
@@ -69,24 +81,37 @@ class ArrayEMA(TimelineViews):
         dtype: Any = None,
         update_every: int = 1,
         start_step: int = 0,
+        nonfinite: str = "propagate",
     ) -> None:
         if init not in ("copy", "zero"):
             raise ValueError(f"init must be 'copy' or 'zero', got {init!r}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if dtype is not None:
+            try:
+                kind = np.dtype(dtype).kind
+            except TypeError:
+                kind = "?"
+            if kind not in "fc":
+                raise TypeError(f"dtype must be a floating NumPy dtype, got {dtype!r}")
         self._timeline = Timeline(decay, update_every=update_every, start_step=start_step)
         self._init = init
-        self._template = params
+        self._nonfinite = nonfinite
+        self._skipped = 0
         items = flatten(params, "params")
-        self._paths = [p for p, _ in items]
-        self._shapes = []
-        dtypes = []
         for path, x in items:
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"params at {path}: ArrayEMA takes NumPy arrays, got {type(x)}")
             if x.dtype.kind not in "fc":
                 raise TypeError(f"params at {path}: dtype {x.dtype} cannot be averaged")
-            self._shapes.append(x.shape)
-            dtypes.append(np.result_type(x.dtype, np.float32) if dtype is None else dtype)
-        self._dtypes = [np.dtype(d) for d in dtypes]
+        # our own copy of the containers, so that a caller editing its dict changes nothing here
+        self._template = rebuild(params, lambda i: _PLACEHOLDER)
+        self._paths = [p for p, _ in items]
+        self._shapes = [x.shape for _, x in items]
+        self._dtypes = [
+            np.dtype(np.result_type(x.dtype, np.float32) if dtype is None else dtype)
+            for _, x in items
+        ]
         self._initial = [np.array(x, dtype=d) for (_, x), d in zip(items, self._dtypes)]
         start = self._initial if init == "copy" else [np.zeros_like(x) for x in self._initial]
         self._avgs = {n: [x.copy() for x in start] for n in self._timeline.names}
@@ -95,12 +120,11 @@ class ArrayEMA(TimelineViews):
             self._initial = []  # a zero start needs no copy of x_0 for the correction
 
     def _leaves(self, params: Any) -> list[np.ndarray]:
-        items = flatten(params, "params")
-        paths = [p for p, _ in items]
-        if paths != self._paths:
-            raise ValueError(f"params structure changed: expected {self._paths}, got {paths}")
+        by_path = dict(flatten(params, "params"))
+        check_names(self._paths, by_path, "params structure changed")
         leaves = []
-        for (path, x), shape in zip(items, self._shapes):
+        for path, shape in zip(self._paths, self._shapes):
+            x = by_path[path]
             if not isinstance(x, np.ndarray) or x.dtype.kind not in "fc":
                 raise TypeError(f"params at {path}: expected a float NumPy array, got {x!r:.60}")
             if x.shape != shape:
@@ -108,10 +132,31 @@ class ArrayEMA(TimelineViews):
             leaves.append(x)
         return leaves
 
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out because the values were not finite (``nonfinite="skip"``)."""
+        return self._skipped
+
     def update(self, params: Any, *, steps: int = 1) -> None:
-        """Account for ``steps`` steps and, when due, move every average towards ``params``."""
+        """Account for ``steps`` steps and, when due, move every average towards ``params``.
+
+        Raises:
+            NonFiniteError: with ``nonfinite="raise"``, ``params`` hold inf/nan.
+        """
         leaves = self._leaves(params)
         plan = self._timeline.plan(steps)
+        if plan.decays and self._nonfinite != "propagate":
+            bad = [p for p, x in zip(self._paths, leaves) if not np.isfinite(x).all()]
+            if bad and self._nonfinite == "raise":
+                raise NonFiniteError(
+                    f"params hold inf/nan at {bad[:10]}; the averages were not updated "
+                    "(nonfinite='raise')",
+                    bad,
+                )
+            if bad:  # as an update with decay 1: the averages and their weights stay
+                self._skipped += 1
+                self._timeline.commit(plan)
+                return
         for name, decay in zip(self._timeline.names, plan.decays):
             for avg, x in zip(self._avgs[name], leaves):
                 _np_lerp_(avg, x, 1.0 - decay)
@@ -122,10 +167,19 @@ class ArrayEMA(TimelineViews):
         """A copy of the average ``name`` (needed when several are kept), shaped like ``params``.
 
         With ``bias_correction=True`` the initial values' leftover weight is removed (see the
-        class docstring); this needs at least one update with a decay below 1.
+        class docstring); this needs at least one update with a decay below 1. Warns when the
+        average holds inf/nan.
         """
         name = self._timeline.names[self._row(name)]
         avgs = self._avgs[name]
+        bad = [p for p, a in zip(self._paths, avgs) if not np.isfinite(a).all()]
+        if bad:
+            warnings.warn(
+                f"average {name!r} holds inf/nan at {bad[:10]} (the values fed it non-finite "
+                "numbers; ArrayEMA(nonfinite='skip' or 'raise') prevents this)",
+                UserWarning,
+                stacklevel=2,
+            )
         if not bias_correction:
             return rebuild(self._template, lambda i: avgs[i].copy())
         w0 = self._leftover[name]
@@ -151,34 +205,49 @@ class ArrayEMA(TimelineViews):
             "initial": [x.copy() for x in self._initial],
         }
 
+    def _arrays(self, arrays: Any, what: str) -> list[np.ndarray]:
+        """``arrays`` checked against our leaves and cast to our dtypes (copies)."""
+        if not isinstance(arrays, Sequence) or isinstance(arrays, (str, bytes)):
+            raise TypeError(f"{what} must be a list of arrays, got {type(arrays).__name__}")
+        if len(arrays) != len(self._paths):
+            raise ValueError(f"{what} has {len(arrays)} arrays, expected {len(self._paths)}")
+        out = []
+        for path, a, shape, dtype in zip(self._paths, arrays, self._shapes, self._dtypes):
+            a = np.asarray(a)
+            if a.dtype.kind not in "fc" or (a.dtype.kind == "c" and dtype.kind != "c"):
+                raise TypeError(f"{what} at {path}: dtype {a.dtype}, expected {dtype}")
+            if a.shape != shape:
+                raise ValueError(f"{what} at {path}: shape {a.shape}, expected {shape}")
+            if not np.isfinite(a).all():
+                raise NonFiniteError(f"{what} at {path} holds inf/nan; refusing to load it", [path])
+            out.append(np.array(a, dtype=dtype))
+        return out
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`; validates everything before changing anything.
 
         The averages keep their dtype (values are cast into it).
         """
-        if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(
-                f"not an {_FORMAT} v{_VERSION} state dict: format={state.get('format')!r}, "
-                f"version={state.get('version')!r}"
-            )
+        fields = ("init", "paths", "timeline", "averages", "leftover", "initial")
+        state = check_header(state, _FORMAT, _VERSION, fields)
         if state["init"] != self._init:
             raise ValueError(f"saved with init={state['init']!r}, this one has {self._init!r}")
         if list(state["paths"]) != self._paths:
             raise ValueError(f"array paths differ: saved {state['paths']}, have {self._paths}")
-        averages = state["averages"]
-        if set(averages) != set(self._avgs):
-            raise ValueError(f"averages differ: saved {sorted(averages)}, have {self.names}")
-        for name, arrays in [*averages.items(), ("initial", state["initial"])]:
-            if name == "initial" and self._init == "zero":
-                continue
-            for path, a, shape in zip(self._paths, arrays, self._shapes):
-                if np.shape(a) != shape:
-                    raise ValueError(f"{name} at {path}: shape {np.shape(a)}, expected {shape}")
-        self._timeline.load_state_dict(state["timeline"])
-        for name, arrays in averages.items():
-            for avg, a in zip(self._avgs[name], arrays):
-                avg[...] = a
+        averages, leftover = state["averages"], state["leftover"]
+        if not isinstance(averages, Mapping) or not isinstance(leftover, Mapping):
+            raise TypeError("the state dict's 'averages' and 'leftover' must be mappings")
+        check_names(self.names, averages, "the saved averages")
+        check_names(self.names, leftover, "the saved leftover weights")
+        for name in self.names:
+            w = leftover[name]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+                raise ValueError(f"leftover weight of {name!r} must be in [0, 1], got {w!r}")
+        staged = {n: self._arrays(averages[n], f"average {n!r}") for n in self.names}
+        initial = self._arrays(state["initial"], "initial") if self._init == "copy" else []
+        commit_timeline = self._timeline.stage_state(state["timeline"])
+        commit_timeline()
+        self._avgs = staged
         if self._init == "copy":
-            for x0, a in zip(self._initial, state["initial"]):
-                x0[...] = a
-        self._leftover = {n: float(state["leftover"][n]) for n in self._avgs}
+            self._initial = initial
+        self._leftover = {n: float(leftover[n]) for n in self.names}

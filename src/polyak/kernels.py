@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from polyak._names import check_names
 from polyak._tree import flatten, framework, rebuild
 
 __all__ = ["check_decay", "ema_update", "ema_update_"]
@@ -53,17 +54,11 @@ def _torch() -> Any:
 
 
 def _pairs(avg: Any, value: Any) -> list[tuple[str, Any, Any]]:
-    """Matching (path, avg_leaf, value_leaf) triples; structures must be the same."""
+    """Matching (path, avg_leaf, value_leaf) triples; the same leaves, mappings in any order."""
     a_items, v_items = flatten(avg, "avg"), flatten(value, "value")
-    a_paths, v_paths = [p for p, _ in a_items], [p for p, _ in v_items]
-    if a_paths != v_paths:
-        missing = [p for p in a_paths if p not in set(v_paths)]
-        extra = [p for p in v_paths if p not in set(a_paths)]
-        raise ValueError(
-            f"avg and value have different structures; missing from value: {missing}, "
-            f"not in avg: {extra}"
-        )
-    return [(p, a, v) for (p, a), (_, v) in zip(a_items, v_items)]
+    by_path = dict(v_items)
+    check_names([p for p, _ in a_items], by_path, "value's leaves differ from avg's")
+    return [(p, a, by_path[p]) for p, a in a_items]
 
 
 def _check_leaf(where: str, avg: Any, value: Any) -> str:
@@ -73,11 +68,20 @@ def _check_leaf(where: str, avg: Any, value: Any) -> str:
         raise TypeError(f"at {where}: expected an array or tensor, got {bad}")
     if fa != fv:
         raise TypeError(f"at {where}: cannot mix frameworks (avg is {fa}, value is {fv})")
+    kinds = []
     for name, x in (("avg", avg), ("value", value)):
-        if fa == "numpy" and np.dtype(x.dtype).kind not in "fc":
+        if fa == "numpy":
+            kind = np.dtype(x.dtype).kind
+        else:
+            kind = "c" if x.is_complex() else "f" if x.is_floating_point() else "i"
+        if kind not in "fc":
             raise TypeError(f"at {where}: {name} has dtype {x.dtype}; only floats can be averaged")
-        if fa == "torch" and not (x.is_floating_point() or x.is_complex()):
-            raise TypeError(f"at {where}: {name} has dtype {x.dtype}; only floats can be averaged")
+        kinds.append(kind)
+    if kinds == ["f", "c"]:
+        raise TypeError(
+            f"at {where}: value is complex ({value.dtype}) but avg is real ({avg.dtype}); the "
+            "imaginary part would be dropped"
+        )
     if tuple(avg.shape) != tuple(value.shape):
         raise ValueError(
             f"at {where}: shape mismatch, avg {tuple(avg.shape)} vs value {tuple(value.shape)}"
@@ -85,6 +89,22 @@ def _check_leaf(where: str, avg: Any, value: Any) -> str:
     if fa == "torch" and avg.device != value.device:
         raise ValueError(f"at {where}: avg is on {avg.device} but value is on {value.device}")
     return fa
+
+
+def _check_writable(where: str, avg: Any) -> None:
+    """``avg`` can be written in place (checked for every leaf before the first write)."""
+    if isinstance(avg, np.ndarray):
+        if not avg.flags.writeable:
+            raise ValueError(f"at {where}: avg is read-only")
+        return
+    torch = _torch()
+    if avg.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"at {where}: avg is an inference tensor; it cannot be written here")
+    if avg.numel() > 1 and torch._debug_has_internal_overlap(avg) == 1:
+        raise ValueError(
+            f"at {where}: avg has elements that share memory (an expanded tensor); pass a "
+            "tensor with its own storage, e.g. avg.clone()"
+        )
 
 
 def _validate(avg: Any, value: Any) -> list[tuple[str, Any, Any]]:
@@ -95,11 +115,24 @@ def _validate(avg: Any, value: Any) -> list[tuple[str, Any, Any]]:
 
 
 def _np_lerp_(avg: np.ndarray, value: np.ndarray, weight: float) -> None:
-    diff = np.asarray(value, dtype=avg.dtype) - avg
-    if weight < 0.5:
-        avg += avg.dtype.type(weight) * diff
-    else:
-        np.subtract(value, diff * avg.dtype.type(1.0 - weight), out=avg, casting="unsafe")
+    """``avg <- lerp(avg, value, weight)`` in place; weight 0 leaves avg, 1 copies value (also
+    inf/nan); float16 is computed in float32 and rounded once, as torch does."""
+    if weight == 0.0:
+        return
+    if weight == 1.0:
+        np.copyto(avg, value, casting="unsafe")
+        return
+    work = np.result_type(avg.dtype, np.float32)  # float16 is computed in float32
+    a = avg.astype(work, copy=False)
+    v = np.asarray(value, dtype=work)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/nan propagate, as in torch
+        diff = v - a
+        if weight < 0.5:
+            diff *= work.type(weight)
+            np.add(a, diff, out=avg, casting="unsafe")
+        else:
+            diff *= work.type(1.0 - weight)
+            np.subtract(v, diff, out=avg, casting="unsafe")
 
 
 def ema_update_(avg: T, value: Any, decay: float) -> T:
@@ -124,8 +157,6 @@ def ema_update_(avg: T, value: Any, decay: float) -> T:
 
     Example:
         >>> import numpy as np
-
-    from polyak._tree import flatten, framework, rebuild
         >>> avg = np.zeros(3)
         >>> ema_update_(avg, np.ones(3), decay=0.9)
         array([0.1, 0.1, 0.1])
@@ -133,8 +164,7 @@ def ema_update_(avg: T, value: Any, decay: float) -> T:
     weight = 1.0 - check_decay(decay)
     pairs = _validate(avg, value)
     for where, a, _ in pairs:
-        if isinstance(a, np.ndarray) and not a.flags.writeable:
-            raise ValueError(f"at {where}: avg is read-only")
+        _check_writable(where, a)
     torch_pairs = [(a, v) for _, a, v in pairs if not isinstance(a, np.ndarray)]
     for _, a, v in pairs:
         if isinstance(a, np.ndarray):
@@ -147,15 +177,13 @@ def ema_update_(avg: T, value: Any, decay: float) -> T:
 def ema_update(avg: T, value: Any, decay: float) -> T:
     """Return ``decay*avg + (1-decay)*value`` as new arrays; the inputs are not modified.
 
-        Same structures and checks as :func:`ema_update_`. The result has the promoted dtype of
-        ``avg`` and ``value`` (for example float32 and float64 give float64).
+    Same structures and checks as :func:`ema_update_`. The result has the promoted dtype of
+    ``avg`` and ``value`` (for example float32 and float64 give float64).
 
-        Example:
-            >>> import numpy as np
-
-    from polyak._tree import flatten, framework, rebuild
-            >>> ema_update(np.array([1.0, 2.0]), np.array([3.0, 4.0]), decay=0.5)
-            array([2., 3.])
+    Example:
+        >>> import numpy as np
+        >>> ema_update(np.array([1.0, 2.0]), np.array([3.0, 4.0]), decay=0.5)
+        array([2., 3.])
     """
     weight = 1.0 - check_decay(decay)
     pairs = _validate(avg, value)
@@ -168,7 +196,8 @@ def ema_update(avg: T, value: Any, decay: float) -> T:
             torch = _torch()
             dtype = torch.promote_types(a.dtype, v.dtype)
             with torch.no_grad():
-                r = torch.lerp(a.to(dtype), v.to(dtype), weight)
+                r = a.to(dtype, copy=True)
+                lerp_lists_([r], [v], weight)
         out.append(r)
     return rebuild(avg, out.__getitem__)
 
@@ -176,21 +205,28 @@ def ema_update(avg: T, value: Any, decay: float) -> T:
 def lerp_lists_(avgs: list[Any], values: list[Any], weight: float) -> None:
     """``avgs[i] <- lerp(avgs[i], values[i], weight)`` for torch tensors, grouped for foreach.
 
-    Tensors whose dtype differs from their average's are handled per tensor with a cast of that
-    one tensor (the functional API is not the hot path; :class:`polyak.EMA` avoids the cast).
-    ``weight`` is ``1 - decay``.
+    Tensors whose dtype or device differs from their average's are handled per tensor with a
+    cast copy of that one tensor (the functional API is not the hot path; :class:`polyak.EMA`
+    avoids the cast). ``weight`` is ``1 - decay``: 0 leaves the averages untouched and 1 copies
+    the values, exactly, also where they hold ``inf``/``nan`` (a lerp would give ``nan``).
     """
     torch = _torch()
     if not math.isfinite(weight):
         raise ValueError(f"lerp weight must be finite, got {weight}")
+    if weight == 0.0:
+        return
     groups: dict[tuple[Any, Any], tuple[list[Any], list[Any]]] = {}
     with torch.no_grad():
         for a, v in zip(avgs, values):
-            if a.dtype != v.dtype:
-                a.lerp_(v.to(a.dtype), weight)
+            if (a.dtype, a.device) != (v.dtype, v.device):
+                v = v.to(a.device, a.dtype)
+                a.copy_(v) if weight == 1.0 else a.lerp_(v, weight)
                 continue
             ga, gv = groups.setdefault((a.device, a.dtype), ([], []))
             ga.append(a)
             gv.append(v)
         for ga, gv in groups.values():
-            torch._foreach_lerp_(ga, gv, weight)
+            if weight == 1.0:
+                torch._foreach_copy_(ga, gv)
+            else:
+                torch._foreach_lerp_(ga, gv, weight)

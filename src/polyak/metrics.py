@@ -21,6 +21,22 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+__all__ = [
+    "CalibrationBins",
+    "accuracy",
+    "agreement",
+    "calibration_bins",
+    "churn",
+    "ece",
+    "js_divergence",
+    "log_softmax",
+    "mae",
+    "nll",
+    "nll_from_logits",
+    "rmse",
+    "softmax",
+]
+
 _SUM_TOL = 1e-3
 _Floats = NDArray[np.float64]
 

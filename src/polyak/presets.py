@@ -23,7 +23,8 @@ def morales_brotons(period: int = 16) -> dict[str, Any]:
     steps, each with the warm-up ``min(alpha, (s+1)/(s+10))`` where ``s`` counts EMA updates from
     0 (their ``OptimizerEMA``). Counting the warm-up per update rather than per step matters:
     0.998 is only reached after 4490 updates (~72k steps), so for most of a CIFAR run the "0.998"
-    average is a power-function average with ``sigma_rel ~ 0.09`` (literature.md §1.8). Their
+    average is a power-function average: before the cap ``1 - decay = 9/(s+10)``, EDM2's power
+    function with ``gamma ~ 8``, ``sigma_rel ~ 0.09`` (Karras et al., CVPR 2024, Sec. 3). Their
     floating buffers are averaged (``eman=True``), which is :class:`polyak.EMA`'s default;
     recompute BN statistics before evaluating, as they report. (Their first EMA update follows
     optimizer step 1, ours step 16; the k-th update's decay is identical.)

@@ -27,6 +27,7 @@ Index conventions of other libraries, for ``min_decay = 0`` and ``update_after_s
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -123,11 +124,16 @@ class Schedule:
         """Plain JSON-serialisable description: ``{"kind": ..., **params}``."""
         return {"kind": self.kind, **self._params()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore mutable fields; warn (``UserWarning``) where a saved fixed parameter differs.
+    def stage_state(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        """Check ``state`` (a :meth:`state_dict`) and return the function that loads it.
+
+        Nothing changes until that function is called, so a caller loading several schedules
+        can check them all first. Loading restores the mutable fields and warns
+        (``UserWarning``) where a saved fixed parameter differs from the current one.
 
         Raises:
-            ValueError: ``state`` describes another kind of schedule.
+            TypeError, ValueError: ``state`` is not a mapping, describes another kind of
+                schedule, or holds an invalid value for a mutable field.
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
@@ -135,23 +141,34 @@ class Schedule:
             raise ValueError(
                 f"cannot load a {state.get('kind')!r} schedule state into a {self.kind!r} schedule"
             )
+        probe = copy.copy(self)
+        for key in self._mutable:
+            if key in state:
+                setattr(probe, key, state[key])  # the setters validate
+        values = {key: getattr(probe, key) for key in self._mutable}
         current = self._params()
-        try:
-            for key in self._mutable:
-                if key in state:
-                    setattr(self, key, state[key])
-        except (TypeError, ValueError):
-            for key in self._mutable:  # all or nothing
-                setattr(self, key, current[key])
-            raise
-        for key, saved in state.items():
-            if key != "kind" and key not in self._mutable and current.get(key) != saved:
+        differ = [
+            (key, saved, current.get(key))
+            for key, saved in state.items()
+            if key != "kind" and key not in self._mutable and current.get(key) != saved
+        ]
+
+        def commit() -> None:
+            for key, value in values.items():
+                setattr(self, key, value)
+            for key, saved, now in differ:
                 warnings.warn(
-                    f"{self.name}: saved {key}={saved!r} differs from current "
-                    f"{key}={current.get(key)!r}; keeping the current value",
+                    f"{self.name}: saved {key}={saved!r} differs from current {key}={now!r}; "
+                    "keeping the current value",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
+
+        return commit
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore mutable fields (all or nothing); see :meth:`stage_state`."""
+        self.stage_state(state)()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params().items() if v is not None)

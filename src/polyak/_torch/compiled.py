@@ -21,7 +21,7 @@ it, and other lengths too (the length is dynamic).
 Only runs (tensors laid out like the averages, i.e. ``flat_params=True``) use it: a compiled
 call costs tens of microseconds of guard checks, which per tensor would undo the gain.
 
-Without it (the eager path, :mod:`polyak._torch.update`), several averages are updated in column
+Without it (the eager path, :mod:`polyak._torch.groups`), several averages are updated in column
 blocks with a ``(K, 1)`` weight tensor. On CPU that reads each live block from DRAM once per
 thread and from cache for the other rows, which pays where the weights are scattered (0.8x of
 separate EMAs on the 399-tensor transformer, 0.87x on ResNet-50) but hardly on a flat model
@@ -73,7 +73,7 @@ class CompiledRuns:
     Args:
         runs: ``(rows, span)`` per run: the run's view in each of the ``K`` averages and the
             cached live span.
-        weights: the group's ``(K,)`` weight holder (``polyak._torch.update._Weights``).
+        weights: the group's ``(K,)`` weight holder (``polyak._torch.groups._Weights``).
     """
 
     def __init__(self, runs: Sequence[tuple[list[torch.Tensor], torch.Tensor]], weights: Any):

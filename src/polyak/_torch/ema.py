@@ -1,32 +1,38 @@
-"""``polyak.EMA``: averages of a PyTorch model's weights in flat fp32 storage."""
+"""``polyak.EMA``: averages of a PyTorch model's weights in flat fp32 storage.
+
+The class composes small parts, each with one job: the :class:`~polyak._timeline.Timeline`
+(steps and decays), the :class:`~polyak._torch.binding.Binding` (the model's tracked tensors,
+the update groups over them, and whether the model changed), the
+:class:`~polyak._torch.storage.Averages` it holds, the swap state
+(:mod:`polyak._torch.swap`) and the state-dict codec (:mod:`polyak._torch.state`).
+"""
 
 from __future__ import annotations
 
-import operator
+import contextlib
+import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
-from polyak._torch.ema_state import StateMixin
-from polyak._torch.ema_use import UseMixin
-from polyak._torch.flat_params import describe_skipped, flatten_
-from polyak._torch.naming import is_uninitialized, select_tensors, unwrap
-from polyak._torch.rounding import RoundedGroup
-from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
-from polyak._torch.storage import FlatStorage
-from polyak._torch.update import plan_groups
-from polyak._torch.views import SwapState
+from polyak._torch import state as codec
+from polyak._torch.binding import Binding, Policy, pending, select
+from polyak._torch.naming import unwrap
+from polyak._torch.sharding import is_dtensor, reshard
+from polyak._torch.storage import Averages
+from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
+from polyak.errors import NonFiniteError
 
 __all__ = ["EMA", "UpdateLists"]
 
-_FORMAT = "polyak.EMA"
-_VERSION = 1
 _LOW_PRECISION = {torch.bfloat16: 8, torch.float16: 11}  # significant bits
+_NONFINITE = ("propagate", "raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,11 @@ class UpdateLists:
     launches: int
 
 
-class EMA(UseMixin, StateMixin, TimelineViews):
+def _names_of(names: list[str]) -> str:
+    return f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+class EMA(TimelineViews):
     """Exponential moving averages of a model's weights, kept outside the model.
 
     After each optimizer step, :meth:`update` applies to every tracked tensor of every average
@@ -55,24 +65,34 @@ class EMA(UseMixin, StateMixin, TimelineViews):
         avg <- avg + (1 - decay_t) * (live - avg)        (= decay_t*avg + (1-decay_t)*live)
 
     in the average's dtype, with ``decay_t`` from the average's schedule over the optimizer steps
-    since its last update (DESIGN.md rules 1-2). The average starts as a copy of the weights.
+    since its last update (``decay**k`` after ``k`` steps for a constant decay, so the horizon
+    does not depend on ``update_every``). The average starts as a copy of the weights.
 
     Storage: the averages live in one contiguous buffer per (device, dtype), with a view per
     tensor; building an ``EMA`` copies the weights once and never deep-copies the model, so
     wrapped (DDP, ``torch.compile``) and lazily initialised models work. An update is one
-    ``torch._foreach_lerp_`` per group and average, allocates nothing, and never syncs with the
-    device (the step counter is a Python int).
+    ``torch._foreach_lerp_`` per group and average, allocates nothing, never syncs with the
+    device (the step counter is a Python int), and does no per-tensor work in Python.
 
     Precision: averages are float32 by default, also for a bfloat16/float16 model (whose own
     precision freezes an EMA: at decay 0.9999 a bf16 average cannot move unless the weights are
-    ~40x away; peers.md pain point 3). A float64 model keeps a float64 average. Lower precision is
-    an explicit opt-in (``dtype=torch.bfloat16``) and warns.
+    ~40x away). A float64 model keeps a float64 average. Lower precision is an explicit opt-in
+    (``dtype=torch.bfloat16``) and warns.
 
     Tensors: floating parameters are averaged; floating buffers are averaged
     (``buffers="average"``, as EMAN / timm), copied from the model (``"copy"``) or left out
     (``"ignore"``); integer buffers (``num_batches_tracked``) are always copied, never averaged.
     Names are canonical (``module.``, ``_orig_mod.`` stripped); ``include``/``exclude`` take glob
     patterns over them.
+
+    Guarantees: every method that changes something is all or nothing (a failure, even out of
+    memory, leaves the model and the averages as they were). A model that changes under the
+    EMA is seen at the next update: new storages, dtypes and devices of the same tensors
+    (``model.to(...)``, ``param.data = ...`` of the same shape) are followed; added, removed,
+    resized or replaced tensors (a new head) raise :class:`polyak.ModelChangedError` until
+    :meth:`rebind` accepts them. A non-finite average is never handed out silently:
+    :meth:`swapped`, :meth:`get_module` and :meth:`state_dict` warn, :meth:`copy_to` raises.
+    Calls from several threads are serialised (a lock per EMA).
 
     Args:
         model: the model being trained (possibly wrapped by DDP or ``torch.compile``).
@@ -91,11 +111,10 @@ class EMA(UseMixin, StateMixin, TimelineViews):
             contiguous buffer per (device, dtype), laid out like the averages, so that an
             update is a single ``lerp_`` instead of one kernel per tensor (~20% less time for
             a 400-tensor transformer or a ResNet-50 on a 2-core CPU, benchmarks/results). The
-            Parameter objects stay the same
-            (optimizers built before keep working; weight tying, ``state_dict``, ``.to()``
-            too). Tensors it cannot move (FSDP2 shards, channels_last, views of other
-            tensors) are named in a warning and averaged as usual. See
-            :mod:`polyak._torch.flat_params`.
+            Parameter objects stay the same (optimizers built before keep working; weight
+            tying, ``state_dict``, ``.to()`` too). Tensors it cannot move (FSDP2 shards,
+            channels_last, views of other tensors) are named in a warning and averaged as
+            usual. See :mod:`polyak._torch.flat_params`.
         stochastic_rounding: with ``dtype=torch.bfloat16``, round each update to bf16
             stochastically (unbiased) instead of to nearest, which freezes the average.
             Computes in float32 chunk by chunk; allocates nothing per update.
@@ -106,6 +125,13 @@ class EMA(UseMixin, StateMixin, TimelineViews):
             casts bf16 weights in registers: 5 averages in ~0.6x the time of 5 EMAs, a bf16
             model as fast as a float32 one. The first update compiles (~20 s, ~5 s from
             Inductor's on-disk cache). See :mod:`polyak._torch.compiled`.
+        nonfinite: what an update does when the live weights hold ``inf``/``nan``:
+            ``"propagate"`` (default: nothing special, the average becomes non-finite and is
+            reported when handed out; no cost), ``"raise"`` (:class:`polyak.NonFiniteError`
+            naming the tensors, nothing changed; one host sync per update) or ``"skip"`` (the
+            averages stay as they were for that update, decided on the device without a sync;
+            :attr:`skipped_updates` counts them). Both checks read the live weights once more
+            per update; the README gives the measured cost.
 
     Example:
         >>> import torch, polyak
@@ -138,15 +164,12 @@ class EMA(UseMixin, StateMixin, TimelineViews):
         stochastic_rounding: bool = False,
         seed: int = 0,
         compile_update: bool = False,
+        nonfinite: str = "propagate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self._timeline = Timeline(decay, update_every=update_every, start_step=start_step)
-        self._policy = (buffers, include, exclude)
-        self._dtype = dtype
-        self._device = None if device is None else torch.device(device)
         for flag, value in (
             ("flat_params", flat_params),
             ("stochastic_rounding", stochastic_rounding),
@@ -161,151 +184,135 @@ class EMA(UseMixin, StateMixin, TimelineViews):
                 f"stochastic_rounding=True rounds averages stored in bfloat16; pass "
                 f"dtype=torch.bfloat16 (got dtype={dtype})"
             )
-        self._flat_params = flat_params
-        self._compile_update = compile_update
-        self._flat_owned: dict[int, torch.Tensor] = {}
-        self._flat_skipped: tuple[tuple[str, str], ...] = ()
-        self._rounding_seed = seed if stochastic_rounding else None
-        self._freeze_warned = False
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        self._timeline = Timeline(decay, update_every=update_every, start_step=start_step)
+        self._policy = Policy(
+            buffers,
+            include,
+            exclude,
+            dtype,
+            None if device is None else torch.device(device),
+            flat_params,
+            compile_update,
+            seed if stochastic_rounding else None,
+            nonfinite,
+        )
         if dtype in _LOW_PRECISION and not stochastic_rounding:
             bits = _LOW_PRECISION[dtype]
             warnings.warn(
                 f"averages stored in {dtype}: an update is lost when (1-decay)*|live-avg| is "
                 f"below half an ulp (~2**-{bits}*|avg|), so at decay 0.999 weights must differ "
-                f"from the average by more than ~{2**-bits / 1e-3:.0f}x its size to move it. "
+                f"from the average by more than ~{2**-bits / 1e-3:.2g}x its size to move it. "
                 "Keep the default float32 unless memory forbids it"
                 + (", or pass stochastic_rounding=True." if dtype == torch.bfloat16 else "."),
                 UserWarning,
                 stacklevel=2,
             )
         self._model = model
-        self._root = unwrap(model)
-        self._entries = select_tensors(self._root, buffers, include, exclude)
-        self._storage: FlatStorage | None = None
+        self._lock = threading.Lock()
         self._swap: SwapState | None = None
         self._modules: dict[str, nn.Module] = {}
-        self._fsdp = fsdp_modules(self._root)
-        self._shards: dict[str, ShardInfo] = {}
-        if not any(is_uninitialized(e.get()) for e in self._entries):
-            self._build()
+        self._owned: dict[int, torch.Tensor] = {}  # the flat buffers flat_params made
+        self._freeze_warned = False
+        selection = select(model, self._policy)  # bad policies fail here, built or not
+        self._names = [e.name for e in selection[1]]
+        self._binding: Binding | None = None
+        if pending(selection[1], selection[2]) is None:
+            self._binding = self._bind(model, selection, None)
 
-    # ----------------------------------------------------------------- construction
-    def _build(self) -> None:
-        lives = [e.get() for e in self._entries]
-        for e, t in zip(self._entries, lives):
-            if is_uninitialized(t):
-                raise ValueError(
-                    f"{e.name} is not initialised yet (lazy module): run one forward pass "
-                    "before the first update()"
-                )
-        avg = [(e, t) for e, t in zip(self._entries, lives) if e.mode == "average"]
-        cpy = [(e, t) for e, t in zip(self._entries, lives) if e.mode == "copy"]
-        self._storage = FlatStorage(
-            [(e.name, t.shape, self._avg_dtype(t), self._device or t.device) for e, t in avg],
-            rows=len(self._timeline.names),
-        )
-        self._copies = FlatStorage(
-            [(e.name, t.shape, t.dtype, self._device or t.device) for e, t in cpy], rows=1
-        )
+    # ----------------------------------------------------------------- binding
+    def _bind(self, model: nn.Module, selection: tuple, old: Binding | None) -> Binding:
+        """A new binding on ``model`` with fresh averages; tensors ``old`` tracked with the same
+        name, shape and module keep their averages. Nothing of this EMA changes here."""
+        _, entries, lives = selection
+        why = pending(entries, lives)
+        if why is not None:
+            raise ValueError(why)
+        p = self._policy
+        specs = {
+            mode: [
+                (e.name, t.shape, p.average_dtype(t) if mode == "average" else t.dtype,
+                 p.device or t.device)
+                for e, t in zip(entries, lives)
+                if e.mode == mode
+            ]
+            for mode in ("average", "copy")
+        }  # fmt: skip
+        averages = Averages([e.name for e in entries], specs["average"], specs["copy"], self._k)
+        kept = set() if old is None else set(_kept(old, entries, lives))
+        before = [] if old is None else old.averages.averaged.views
         with torch.no_grad():
-            for row in self._storage.views:
-                for (_, t), v in zip(avg, row.values()):
-                    v.copy_(t)
-            for (_, t), v in zip(cpy, self._copies.views[0].values()):
-                v.copy_(t)
-        self._shards = {e.name: i for e in self._entries if (i := shard_info(e.raw())) is not None}
-        self._bind(lives)
+            for k, row in enumerate(averages.averaged.views):
+                for e, t in zip(entries, lives):
+                    if e.mode == "average":
+                        row[e.name].copy_(before[k][e.name] if e.name in kept else t)
+            for e, t in zip(entries, lives):
+                if e.mode == "copy":
+                    averages.copied.views[0][e.name].copy_(t)
+        binding = Binding(model, p, averages, selection, self._owned)
+        if old is not None:
+            binding.skip_count = old.skip_count
+        return binding
 
-    def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
-        # float32 (the default) is a floor: a float64 model keeps float64; an explicit bf16/fp16
-        # request is honoured (the memory-saving opt-in) except for complex tensors.
-        if self._dtype in _LOW_PRECISION and t.is_floating_point():
-            return self._dtype
-        return torch.promote_types(t.dtype, self._dtype)
+    @property
+    def _k(self) -> int:
+        return len(self._timeline.names)
 
-    def _bind(self, lives: list[torch.Tensor]) -> None:
-        """Check the live tensors against the storage and plan the kernels (update.py)."""
-        assert self._storage is not None
-        averaged = [(e.name, i) for i, e in enumerate(self._entries) if e.mode == "average"]
-        copied = [(e.name, i) for i, e in enumerate(self._entries) if e.mode == "copy"]
-        for views, members in ((self._storage.views[0], averaged), (self._copies.views[0], copied)):
-            for name, i in members:
-                self._check_shape(name, lives[i], views[name])
-        if self._flat_params:
-            plans = ((self._storage, averaged), (self._copies, copied))
-            skipped = flatten_(plans, lives, set(self._shards), self._flat_owned)
-            if skipped and tuple(skipped) != self._flat_skipped:
-                warnings.warn(describe_skipped(skipped, len(lives)), UserWarning, stacklevel=4)
-            self._flat_skipped = tuple(skipped)
-        rounded = None
-        if self._rounding_seed is not None:
-            seed, count = self._rounding_seed, iter(range(1 << 30))
-            rounded = lambda segments: RoundedGroup(segments, seed, next(count))  # noqa: E731
-        self._groups, watched = plan_groups(
-            self._storage, averaged, lives, rounded=rounded, compiled=self._compile_update
-        )
-        if self._compile_update and not watched and not self._flat_skipped:
-            warnings.warn(
-                "compile_update=True applies to weights laid out like the averages; pass "
-                "flat_params=True (the update stays on the eager kernels)",
-                UserWarning,
-                stacklevel=4,
-            )
-            self._compile_update = False
-        self._copy_groups, watched_copies = plan_groups(self._copies, copied, lives, copy=True)
-        # cached spans read storages directly: a moved storage (new .data) needs a rebind;
-        # elsewhere the kernels read the live tensors afresh and only a new dtype matters
-        self._watched = sorted(set(watched + watched_copies))
-        self._watched_ptrs = [lives[i].data_ptr() for i in self._watched]
-        spans = set(self._watched)
-        self._dtype_checked = [i for i, t in enumerate(lives) if i not in spans or t.numel() == 0]
-        self._getters = [
-            (e.owner._parameters if e.is_param else e.owner._buffers, e.attr) for e in self._entries
-        ]
-        self._sharded = [
-            i for i, (e, t) in enumerate(zip(self._entries, lives)) if e.raw() is not t
-        ]
-        self._lives = lives
-        self._live_dtypes = [lives[i].dtype for i in self._dtype_checked]
+    def _bound(self) -> Binding:
+        """The binding, made now if the model's weights did not exist when the EMA was built."""
+        if self._binding is None:
+            self._binding = self._bind(self._model, select(self._model, self._policy), None)
+        return self._binding
 
-    @staticmethod
-    def _check_shape(name: str, live: torch.Tensor, view: torch.Tensor) -> None:
-        if live.shape != view.shape:
-            raise ValueError(
-                f"{name}: the model has shape {tuple(live.shape)} but the average has "
-                f"{tuple(view.shape)}"
-            )
+    def _commit(self, model: nn.Module, binding: Binding) -> None:
+        self._model, self._binding = model, binding
+        self._names = [e.name for e in binding.entries]
+        self._modules.clear()
 
-    def _entry_order_lives(self) -> list[torch.Tensor]:
-        return [e.get() for e in self._entries]
+    def _follow(self, model: nn.Module) -> Binding:
+        """``update(other_model)``: the same tensors by name and shape, read from ``model``."""
+        selection = select(model, self._policy)
+        check_names(self._names, [e.name for e in selection[1]], "the model passed to update()")
+        if self._binding is None:
+            binding = self._bind(model, selection, None)
+        else:
+            old = {e.name: e.mode for e in self._binding.entries}
+            for e in selection[1]:
+                if old[e.name] != e.mode:
+                    raise ValueError(f"{e.name} is tracked as {old[e.name]} but would be {e.mode}")
+            binding = Binding(model, self._policy, self._binding.averages, selection, self._owned)
+            binding.skip_count = self._binding.skip_count
+        self._commit(model, binding)
+        return binding
 
-    def _refresh(self) -> None:
-        """Re-fetch live tensors; rebind when a module replaced one, changed its dtype, or moved
-        a storage that a cached span (flat_params) reads."""
-        lives: list[torch.Tensor] = [table[attr] for table, attr in self._getters]  # type: ignore[misc]
-        for i in self._sharded:
-            lives[i] = self._entries[i].get()
-        whole = len(self._watched) == len(lives)  # a flat model: skip the indexing
-        if (
-            all(map(operator.is_, lives, self._lives))
-            and all(
-                map(
-                    operator.is_,
-                    [t.dtype for t in lives]
-                    if len(self._dtype_checked) == len(lives)
-                    else [lives[i].dtype for i in self._dtype_checked],
-                    self._live_dtypes,
-                )
-            )
-            and (
-                list(map(torch.Tensor.data_ptr, lives))
-                if whole
-                else [lives[i].data_ptr() for i in self._watched]
-            )
-            == self._watched_ptrs
-        ):
-            return
-        self._bind(self._entry_order_lives())
+    def rebind(self, model: nn.Module | None = None) -> dict[str, list[str]]:
+        """Accept a changed model (or another one): the averages follow its tensors from now on.
+
+        A tensor with the same name, shape and owning module as before keeps its averages; a
+        new one (new name, new shape, or a module that replaced the old one, as a fine-tuning
+        head does) starts every average from its live value; tensors no longer in the model
+        are dropped. All or nothing: the new storage is filled before the old one is released
+        (so, for a moment, both are held).
+
+        Returns:
+            ``{"kept": [...], "new": [...], "dropped": [...]}``, canonical names.
+        """
+        with self._lock:
+            self._not_swapped("rebind()")
+            model = self._model if model is None else model
+            selection = select(model, self._policy)
+            old = self._binding
+            binding = self._bind(model, selection, old)
+            entries = selection[1]
+            kept = _kept(old, entries, selection[2]) if old is not None else []
+            report = {
+                "kept": kept,
+                "new": [e.name for e in entries if e.name not in set(kept)],
+                "dropped": [n for n in self._names if n not in {e.name for e in entries}],
+            }
+            self._commit(model, binding)
+            return report
 
     # ----------------------------------------------------------------- updating
     def update(self, model: nn.Module | None = None, *, steps: int = 1) -> None:
@@ -318,114 +325,318 @@ class EMA(UseMixin, StateMixin, TimelineViews):
 
         Raises:
             RuntimeError: the averaged weights are swapped into the model.
-            ValueError: the model's tensors no longer match the average (names or shapes).
+            polyak.ModelChangedError: tensors were added, removed, resized or replaced.
+            polyak.NonFiniteError: with ``nonfinite="raise"``, the live weights hold inf/nan.
+            ValueError: a model passed here whose tensors do not match by name.
         """
-        if self._swap is not None:
-            raise RuntimeError(
-                "update() while the averaged weights are swapped into the model would average "
-                "the average with itself; leave `ema.swapped(...)` or call restore() first"
-            )
-        if model is not None and unwrap(model) is not self._root:
-            self._rebind(model)
-        if self._fsdp:
-            reshard(self._fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
-        if self._storage is None:
-            self._build()
-        plan = self._timeline.plan(steps)
-        if plan.decays:
-            self._refresh()
-            self._apply(plan.decays)
-        self._timeline.commit(plan)
+        with self._lock:
+            self._not_swapped("update()", "would average the average with itself")
+            if model is not None and unwrap(model) is not unwrap(self._model):
+                binding = self._follow(model)
+            else:
+                binding = self._bound()
+            binding.check()
+            plan = self._timeline.plan(steps)
+            if plan.decays:
+                if self._policy.dtype in _LOW_PRECISION and not self._freeze_warned:
+                    self._warn_freeze(plan.decays)
+                binding.apply(plan.decays, self._timeline.num_updates)
+            self._timeline.commit(plan)
 
-    @torch.no_grad()
-    def _apply(self, decays: tuple[float, ...]) -> None:
-        lives = self._lives
-        if self._rounding_seed is not None:
-            for group in self._groups:
-                if isinstance(group, RoundedGroup):
-                    group.reseed(self._timeline.num_updates)
-        elif self._dtype in _LOW_PRECISION and not self._freeze_warned:
-            # round-to-nearest loses (1-d)*|live-avg| below half an ulp, 2**-(bits+1..bits)*|avg|
-            bits, d = _LOW_PRECISION[self._dtype], max(decays)
-            if 0.0 < d < 1.0 and 2.0 ** -(bits + 1) / (1.0 - d) >= 0.01:
+    def _warn_freeze(self, decays: tuple[float, ...]) -> None:
+        # round-to-nearest loses (1-d)*|live-avg| below half an ulp, 2**-(bits+1..bits)*|avg|
+        bits, d = _LOW_PRECISION[self._policy.dtype], max(decays)
+        if self._policy.rounding_seed is None and 0.0 < d < 1.0:
+            lo, hi = 2.0 ** -(bits + 1) / (1.0 - d), 2.0**-bits / (1.0 - d)
+            if lo >= 0.01:
                 self._freeze_warned = True
-                lo, hi = 2.0 ** -(bits + 1) / (1.0 - d), 2.0**-bits / (1.0 - d)
                 warnings.warn(
-                    f"averages in {self._dtype} with round-to-nearest, decay {d}: a weight's "
-                    f"average moves only while |live - avg| exceeds {lo:.2g}-{hi:.2g}x |avg|; "
-                    "smaller changes are rounded away and the average freezes. Keep float32"
-                    + (" or pass stochastic_rounding=True." if bits == 8 else "."),
+                    f"averages in {self._policy.dtype} with round-to-nearest, decay {d}: a "
+                    f"weight's average moves only while |live - avg| exceeds {lo:.2g}-{hi:.2g}x "
+                    "|avg|; smaller changes are rounded away and the average freezes. Keep "
+                    "float32" + (" or pass stochastic_rounding=True." if bits == 8 else "."),
                     UserWarning,
                     stacklevel=4,
                 )
-        for group in self._groups:
-            group.apply(lives, decays)
-        for group in self._copy_groups:
-            group.apply(lives, (0.0,))
 
-    def _rebind(self, model: nn.Module) -> None:
-        buffers, include, exclude = self._policy
-        root = unwrap(model)
-        entries = select_tensors(root, buffers, include, exclude)
-        self._check_same_names([e.name for e in entries], "the model passed to update()")
-        order = {e.name: e for e in entries}
-        new = [order[e.name] for e in self._entries]
-        for old, e in zip(self._entries, new):
-            if old.mode != e.mode:
-                raise ValueError(f"{e.name} is tracked as {old.mode} but would be {e.mode}")
-        self._model, self._root, self._entries = model, root, new
-        self._modules.clear()
-        if self._storage is not None:
-            self._bind(self._entry_order_lives())
-
-    def _check_same_names(self, names: Iterable[str], what: str) -> None:
-        ours = [e.name for e in self._entries]
-        names = list(names)
-        missing = [n for n in ours if n not in set(names)]
-        extra = [n for n in names if n not in set(ours)]
-        if missing or extra:
-            raise ValueError(
-                f"{what} does not match the average: missing {missing}, unexpected {extra}"
+    def _not_swapped(self, what: str, why: str = "") -> None:
+        if self._swap is not None:
+            raise RuntimeError(
+                f"{what} while the averaged weights are swapped into the model"
+                + (f" {why}" if why else "")
+                + "; leave `ema.swapped(...)` or call restore() first"
             )
+
+    # ----------------------------------------------------------------- using an average
+    def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{tensor name: view}`` of one average (averaged and copied tensors), no copies.
+
+        Under FSDP2 these are this rank's shards; :meth:`full_state_dict` gathers them.
+        """
+        return self._bound().averages.row(self._row(name))
+
+    def nonfinite_tensors(self, name: str | None = None) -> list[str]:
+        """Names of the tensors of average ``name`` that hold ``inf``/``nan`` (empty: all
+        finite). One reduction over the average; syncs with the device."""
+        return self._bound().averages.nonfinite(self._row(name))
+
+    def _warn_nonfinite(self, row: int, what: str) -> None:
+        bad = self._bound().averages.nonfinite(row)
+        if bad:
+            warnings.warn(
+                f"{what}: average {self._timeline.names[row]!r} holds inf/nan in "
+                f"{_names_of(bad)} (the live weights fed it non-finite values; "
+                "EMA(nonfinite='skip' or 'raise') prevents this)",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def apply_shadow(self, model: nn.Module | None = None, name: str | None = None) -> None:
+        """Put average ``name`` into ``model`` (default: the trained model) until
+        :meth:`restore`. No copy when the average has the model's dtype and device; FSDP2
+        shards are copied in (and back), since FSDP gathers from its own storage. All or
+        nothing: a failure (e.g. out of memory for a cast copy) leaves the model as it was.
+
+        Prefer ``with ema.swapped(model):``, which restores even when its body raises.
+        """
+        with self._lock:
+            if self._swap is not None:
+                raise RuntimeError("averaged weights are already swapped in; call restore() first")
+            binding = self._bound()
+            binding.verify()
+            row = self._row(name)
+            root, entries = binding.targets(model)
+            sources = list(binding.averages.row(row).values())
+            self._warn_nonfinite(row, "swapping in")
+            self._swap = swap_in(
+                root,
+                [e.name for e in entries],
+                [e.get() for e in entries],
+                sources,
+                [is_dtensor(e.raw()) for e in entries],
+                [e.is_param for e in entries],
+            )
+            guard(self, self._swap)
+
+    def restore(self, model: nn.Module | None = None) -> None:
+        """Give the model back its training weights, bit for bit, after :meth:`apply_shadow`.
+
+        Raises:
+            RuntimeError: nothing is swapped in; or parameters were written while the average
+                was swapped in (an optimizer step): the weights are restored, but those writes
+                went into the average.
+        """
+        self._restore(strict=True)
+
+    def _restore(self, strict: bool) -> None:
+        with self._lock:
+            if self._swap is None:
+                raise RuntimeError("restore() without apply_shadow(): nothing is swapped in")
+            state, self._swap = self._swap, None
+            if self._binding is not None and self._binding.fsdp:
+                reshard(self._binding.fsdp)  # drop full weights gathered from the average
+            written = swap_out(state)
+        if written:
+            message = (
+                f"parameters {_names_of(written)} were written while the average was swapped "
+                "in (an optimizer step on swapped weights?); the training weights are back, but "
+                "those writes went into the average. Train outside `ema.swapped(...)`"
+            )
+            if strict:
+                raise RuntimeError(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    @contextlib.contextmanager
+    def swapped(
+        self, model: nn.Module | None = None, name: str | None = None
+    ) -> Iterator[nn.Module]:
+        """Context manager: the model evaluates with average ``name`` inside the block.
+
+        The training weights come back bit for bit on exit, also when the block raises. Inside
+        the block ``update()`` raises, and ``model.state_dict()`` warns (it would save the
+        average). Training inside the block writes into the average: leaving the block raises
+        ``RuntimeError`` when a parameter was written (a warning if the block raised).
+
+        Example:
+            >>> with ema.swapped(model):                      # doctest: +SKIP
+            ...     val_loss = evaluate(model, val_loader)
+        """
+        self.apply_shadow(model, name)
+        try:
+            yield model if model is not None else self._model
+        except BaseException:
+            self._restore(strict=False)
+            raise
+        self._restore(strict=True)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None, name: str | None = None) -> None:
+        """Write average ``name`` into ``model``'s tensors permanently (a copy, cast as needed).
+
+        Raises:
+            polyak.NonFiniteError: the average holds inf/nan (nothing is written).
+        """
+        with self._lock:
+            self._not_swapped("copy_to()", "would be undone by restore()")
+            binding = self._bound()
+            binding.verify()
+            row = self._row(name)
+            bad = binding.averages.nonfinite(row)
+            if bad:
+                raise NonFiniteError(
+                    f"average {self._timeline.names[row]!r} holds inf/nan in {_names_of(bad)}; "
+                    "nothing was copied into the model",
+                    bad,
+                )
+            _, entries = binding.targets(model)
+            targets = [e.get() for e in entries]
+            staged = [
+                s.to(t.device, t.dtype) for t, s in zip(targets, binding.averages.row(row).values())
+            ]  # every allocation before the first write
+            for t, s in zip(targets, staged):
+                t.copy_(s)
+
+    def get_module(self, name: str | None = None) -> nn.Module:
+        """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
+
+        Memory: only the module structure. Its parameters and buffers *are* the average's
+        storage (views, no copy), so it follows every :meth:`update`; tensors the EMA does not
+        track (excluded, ``buffers="ignore"``) are shared with the trained model. It holds the
+        averages in their own dtype (float32 for a bf16 model). Do not ``.to()`` or cast it:
+        that would give it its own copy, detached from the average; pick ``dtype``/``device``
+        when building the EMA instead. Not available for FSDP2-sharded models: use
+        :meth:`swapped`.
+        """
+        binding = self._bound()
+        if binding.fsdp:
+            raise TypeError(
+                "get_module() cannot copy an FSDP2-sharded model; evaluate with "
+                "`with ema.swapped(model):` or export with ema.full_state_dict()"
+            )
+        binding.verify()
+        row = self._row(name)
+        key = self._timeline.names[row]
+        self._warn_nonfinite(row, "get_module()")
+        if key not in self._modules:
+            replacements = {
+                id(t): v for t, v in zip(binding.lives, binding.averages.row(row).values())
+            }
+            keep = [
+                t
+                for m in binding.root.modules()
+                for t in (*m._parameters.values(), *m._buffers.values())
+                if t is not None and id(t) not in replacements
+            ]
+            self._modules[key] = shared_module(binding.root, replacements, keep)
+        return self._modules[key]
+
+    @property
+    def module(self) -> nn.Module:
+        """:meth:`get_module` of the only average (see there for its memory cost)."""
+        return self.get_module(None)
+
+    # ----------------------------------------------------------------- saving and loading
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: plain tensors, plain Python data, a format version.
+
+        The tensors are views of the live storage (like ``nn.Module.state_dict``): save them
+        (``torch.save``) or clone them before the next update. Loadable with
+        ``torch.load(..., weights_only=True)``. Under FSDP2 each rank gets its own shards.
+        Warns when an average holds inf/nan.
+        """
+        binding = self._bound()
+        for row in range(self._k):
+            self._warn_nonfinite(row, "state_dict()")
+        return codec.encode(self._timeline, binding.averages, self._policy.dtype, binding.shards)
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Any] | None:
+        """:meth:`state_dict` with full, unsharded tensors (FSDP2); a collective on every rank.
+
+        Every rank must call it. With ``rank0_only`` only rank 0 receives the result (the others
+        get ``None``); it loads at any world size, or into an unsharded model. Without sharding
+        it is a copy of :meth:`state_dict`.
+        """
+        state = codec.gather(self.state_dict(), self._bound().shards)
+        if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return None
+        return state
+
+    def load_state_dict(self, state: Any) -> None:
+        """Load :meth:`state_dict` or :meth:`full_state_dict` output; all checks come first.
+
+        Saved values are copied into this EMA's storage, which keeps its dtype (a float32 average
+        stays float32 whatever the checkpoint held). Tensor names may carry wrapper prefixes.
+        Under FSDP2 a full checkpoint (any world size) is cut into this rank's shards, and a
+        rank whose checkpoint does not fit raises on every rank instead of leaving the others
+        waiting in the next collective. All or nothing: a checkpoint that fails any check
+        (a missing field, a wrong or non-finite tensor, inconsistent counters) changes nothing.
+        """
+        with self._lock:
+            self._not_swapped("load_state_dict()")
+            binding = self._bound()
+            error: Exception | None = None
+            commit = None
+            try:
+                commit = codec.stage(state, self._timeline, binding.averages, binding.shards)
+            except (ValueError, KeyError, TypeError) as e:
+                error = e
+            codec.agree_across_ranks(bool(binding.shards), error)
+            assert commit is not None  # agree_across_ranks raised otherwise
+            commit()
 
     # ----------------------------------------------------------------- introspection
     @property
+    def model(self) -> nn.Module:
+        """The model whose weights are averaged, as it was passed (possibly wrapped)."""
+        return self._model
+
+    @property
     def tensor_names(self) -> list[str]:
         """Canonical names of the tracked tensors (averaged and copied)."""
-        return [e.name for e in self._entries]
+        return list(self._names)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the averages and copied buffers, in bytes."""
-        self._ensure_built()
-        assert self._storage is not None
-        return self._storage.nbytes + self._copies.nbytes
+        return self._bound().averages.nbytes
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out because the live weights were not finite (``nonfinite="skip"``).
+
+        Counted on the device; reading it syncs.
+        """
+        count = None if self._binding is None else self._binding.skip_count
+        return 0 if count is None else int(count)
 
     def update_lists(self, name: str | None = None) -> UpdateLists:
         """The tensors an update of average ``name`` reads and writes (see :class:`UpdateLists`).
 
         For inspection and benchmarks; the lists hold the tensors as bound now.
         """
-        self._ensure_built()
-        self._refresh()
-        row = self._row(name)
-
-        def pairs(groups: list[Any], k: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-            return [
-                ([s.rows[k] for s in g.segments], [s.source(self._lives) for s in g.segments])
-                for g in groups
-            ]
-
-        launches = sum(g.kernels for g in self._groups + self._copy_groups)
-        return UpdateLists(pairs(self._groups, row), pairs(self._copy_groups, 0), launches)
-
-    def _ensure_built(self) -> None:
-        if self._storage is None:
-            self._build()
+        with self._lock:
+            binding = self._bound()
+            binding.check()
+            averaged, copied = binding.update_lists(self._row(name))
+            return UpdateLists(averaged, copied, binding.launches)
 
     def __repr__(self) -> str:
-        built = "not built" if self._storage is None else f"{self.nbytes / 2**20:.1f} MiB"
+        built = "not built" if self._binding is None else f"{self.nbytes / 2**20:.1f} MiB"
         return (
-            f"EMA(averages={list(self.names)}, tensors={len(self._entries)}, step={self.step}, "
-            f"dtype={self._dtype}, {built})"
+            f"EMA(averages={list(self.names)}, tensors={len(self._names)}, step={self.step}, "
+            f"dtype={self._policy.dtype}, {built})"
         )
+
+
+def _kept(old: Binding, entries: list, lives: list) -> list[str]:
+    """Names whose tensor ``old`` tracked with the same shape, kind and owning module."""
+    before = {e.name: e for e in old.entries}
+    shapes = old.shapes()
+    return [
+        e.name
+        for e, t in zip(entries, lives)
+        if e.name in before
+        and before[e.name].owner is e.owner
+        and before[e.name].mode == e.mode
+        and shapes[e.name] == t.shape
+    ]

@@ -4,7 +4,7 @@ Where the live weights are scattered over hundreds of allocations, an update is 
 tensor (``torch._foreach_lerp_``). Here each tracked parameter and buffer gets its ``.data``
 rebound to a view of one buffer per (device, dtype), laid out exactly like the average's storage
 (same element offsets, same padding), so that the update becomes one ``lerp_`` over two
-contiguous buffers (:func:`polyak._torch.update.build_segments` finds the layout again).
+contiguous buffers (:func:`polyak._torch.segments.build_segments` finds the layout again).
 
 What stays the same: every ``nn.Parameter`` and buffer keeps its identity, shape, dtype,
 ``requires_grad`` and ``.grad``, so an optimizer built earlier still holds the right objects,
@@ -29,12 +29,12 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak._torch.segments import joins, positions
-from polyak._torch.storage import FlatStorage
+from polyak._torch.segments import joins
+from polyak._torch.storage import FlatStorage, align
 
 __all__ = ["describe_skipped", "flatten_"]
 
-_ALIGN_BYTES = 64
+Item = tuple[int, str, torch.Tensor]  # (offset in the average's buffer, name, live tensor)
 
 
 def _unmovable(t: torch.Tensor, name: str, sharded: set[str]) -> str | None:
@@ -56,9 +56,9 @@ def _shared(t: torch.Tensor, owned: dict[int, torch.Tensor]) -> bool:
     return not exclusive and storage.data_ptr() not in owned
 
 
-def _runs(items: list[tuple[int, str, int]], position: dict[str, int]) -> list[list]:
-    """Split ``(offset, name, index)`` items (by offset) into runs of neighbours; length > 1."""
-    runs: list[list[tuple[int, str, int]]] = []
+def _runs(items: list[Item], position: dict[str, int]) -> list[list[Item]]:
+    """Split items (sorted by offset) into runs of neighbours; those of length > 1."""
+    runs: list[list[Item]] = []
     for item in items:
         if runs and position[item[1]] == position[runs[-1][-1][1]] + 1:
             runs[-1].append(item)
@@ -68,14 +68,13 @@ def _runs(items: list[tuple[int, str, int]], position: dict[str, int]) -> list[l
 
 
 def flatten_(
-    plans: Sequence[tuple[FlatStorage, Sequence[tuple[str, int]]]],
-    lives: Sequence[torch.Tensor],
+    plans: Sequence[tuple[FlatStorage, Sequence[tuple[str, torch.Tensor]]]],
     sharded: set[str],
     owned: dict[int, torch.Tensor],
 ) -> list[tuple[str, str]]:
     """Rebind live tensors to views of new buffers laid out like the averages' storage.
 
-    ``plans`` pairs each storage with its members ``(name, live index)``. Runs of neighbours in
+    ``plans`` pairs each storage with its members ``(name, live tensor)``. Runs of neighbours in
     a storage (same live device and dtype) are laid out like it; runs already laid out so, and
     single tensors, are left alone. ``owned`` maps storage pointers to the buffers made here
     before (their views may be laid out again); it is updated and keeps only buffers still in
@@ -85,44 +84,40 @@ def flatten_(
         ``(name, reason)`` for each tensor that cannot be moved.
     """
     skipped: list[tuple[str, str]] = []
-    todo: dict[tuple[torch.device, torch.dtype], list[list[tuple[int, str, int]]]] = {}
+    todo: dict[tuple[torch.device, torch.dtype], list[list[Item]]] = {}
     in_use: set[int] = set()
     for storage, members in plans:
-        position = positions(storage)
-        groups: dict[tuple, list[tuple[int, str, int]]] = {}
-        for name, i in members:
-            t = lives[i]
+        position = storage.positions()
+        groups: dict[tuple, list[Item]] = {}
+        for name, t in members:
             why = _unmovable(t, name, sharded)
             if why is not None:
                 skipped.append((name, why))
                 continue
             in_use.add(t.untyped_storage().data_ptr())
             slot = storage.slots[name]
-            groups.setdefault((slot.key, t.device, t.dtype), []).append((slot.offset, name, i))
+            groups.setdefault((slot.key, t.device, t.dtype), []).append((slot.offset, name, t))
         for (_, device, dtype), items in groups.items():
-            for run in _runs(sorted(items), position):
+            for run in _runs(sorted(items, key=lambda i: i[0]), position):
                 first_off, _, first = run[0]
-                if all(joins(lives[first], first_off, lives[i], off) for off, _, i in run[1:]):
+                if all(joins(first, first_off, t, off) for off, _, t in run[1:]):
                     continue  # already laid out like the average
-                shared = [(n, i) for _, n, i in run if _shared(lives[i], owned)]
-                skipped += [(n, "a view sharing its storage with other tensors") for n, _ in shared]
-                keep = [item for item in run if (item[1], item[2]) not in shared]
+                shared = {n for _, n, t in run if _shared(t, owned)}
+                skipped += [(n, "a view sharing its storage with other tensors") for n in shared]
+                keep = [item for item in run if item[1] not in shared]
                 todo.setdefault((device, dtype), []).extend(
                     r for r in _runs(keep, position) if len(r) > 1
                 )
     with torch.no_grad():
         for (device, dtype), runs in todo.items():
-            align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
             starts, total = [], 0
             for run in runs:
                 starts.append(total)
-                span = run[-1][0] + lives[run[-1][2]].numel() - run[0][0]
-                total += -(-span // align) * align
+                total += align(run[-1][0] + run[-1][2].numel() - run[0][0], dtype)
             buffer = torch.zeros(total, dtype=dtype, device=device)
             for run, start in zip(runs, starts):
                 base = run[0][0]
-                for off, _, i in run:
-                    t = lives[i]
+                for off, _, t in run:
                     view = buffer[start + off - base : start + off - base + t.numel()]
                     view = view.view(t.shape)
                     view.copy_(t)

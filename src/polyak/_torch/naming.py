@@ -3,23 +3,32 @@
 Wrappers add prefixes to tensor names: DDP and DataParallel ``module.``, ``torch.compile``
 ``_orig_mod.``, FSDP1 ``_fsdp_wrapped_module.``, activation checkpointing
 ``_checkpoint_wrapped_module.``. A name that changes with the wrapping silently breaks peers that
-match by name (peers.md, pain point 9). Every name polyak shows or saves is canonical: the wrapper
-objects are unwrapped at the root, and wrapper components are stripped here, in one place.
+match by name (an average saved through DDP matches none of the names of the unwrapped model).
+Every name polyak shows or saves is canonical: the wrapper objects are unwrapped at the root,
+and wrapper components are stripped here, in one place.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from polyak._names import check_names
 from polyak._torch.sharding import local
 
-__all__ = ["Entry", "canonical_name", "select_tensors", "unwrap"]
+__all__ = [
+    "Entry",
+    "canonical_name",
+    "check_tensors",
+    "select_tensors",
+    "unmaterialized",
+    "unwrap",
+]
 
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 BUFFER_POLICIES = ("average", "copy", "ignore")
@@ -151,6 +160,24 @@ def select_tensors(
     return found
 
 
-def is_uninitialized(tensor: Any) -> bool:
-    """True for lazy modules' parameters/buffers that have no shape yet."""
-    return isinstance(tensor, nn.parameter.UninitializedTensorMixin)  # type: ignore[attr-defined]
+def unmaterialized(name: str, tensor: Any) -> str | None:
+    """Why ``tensor`` holds no weights yet (a lazy module's, or on the meta device), or None."""
+    if isinstance(tensor, nn.parameter.UninitializedTensorMixin):  # type: ignore[attr-defined]
+        return f"{name} is not initialised yet (lazy module): run one forward pass first"
+    if tensor.device.type == "meta":
+        return (
+            f"{name} is on the meta device (no data): materialise the model first "
+            "(model.to_empty(device=...) and initialise or load the weights)"
+        )
+    return None
+
+
+def check_tensors(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, Any], what: str) -> None:
+    """Named error unless ``theirs`` has exactly ``ours``'s names, as tensors of the same shapes."""
+    check_names(ours, theirs, what)
+    for n, t in ours.items():
+        src = theirs[n]
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"{what}: {n} is a {type(src).__name__}, not a tensor")
+        if src.shape != t.shape:
+            raise ValueError(f"{what}: {n} has shape {tuple(src.shape)}, here {tuple(t.shape)}")

@@ -1,13 +1,13 @@
 """bfloat16 averages with stochastic rounding: the memory-saving opt-in that does not freeze.
 
 With round-to-nearest, a bf16 average loses every update smaller than half an ulp, so at decay
-0.999 it only follows weights that differ from it by more than 2-4x their size (literature.md
-section 5, peers.md pain point 3). Stochastic rounding (SR) rounds ``x`` up with probability equal
-to its distance from the bf16 value below, so ``E[SR(x)] = x`` exactly and small updates survive
-on average. For a float32 ``x`` this is: add a uniform 16-bit integer to its bit pattern and
-clear the low 16 bits (the carry rounds up with the right probability, also for negative
-numbers, whose magnitude it rounds). The result is exactly representable in bf16, so the final
-cast is exact.
+0.999 it only follows weights that differ from it by more than 2-4x their size (Zamirai et al.
+2020, "Revisiting BFloat16 Training"). Stochastic rounding (SR) rounds ``x`` up with
+probability equal to its distance from the bf16 value below, so ``E[SR(x)] = x`` exactly and
+small updates survive on average. For a float32 ``x`` this is: add a uniform 16-bit integer to its
+bit pattern and clear the low 16 bits (the carry rounds up with the right probability, also for
+negative numbers, whose magnitude it rounds). The result is exactly representable in bf16, so the
+final cast is exact.
 
 Each update is computed in float32 (the live weights cast, the lerp, then SR back to bf16). The
 noise comes from a private generator reseeded at every update from ``(seed, number of updates so
@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak._torch import update
+from polyak._torch.groups import Gate, StagedGroup
 from polyak._torch.segments import Segment
 
 __all__ = ["RoundedGroup", "seed_for", "stochastic_round_"]
@@ -91,69 +91,68 @@ def stochastic_round_(
     return value
 
 
-class RoundedGroup:
-    """bf16 averages: each chunk is cast up, lerped in float32 and stochastically rounded back."""
+class RoundedGroup(StagedGroup):
+    """bf16 averages: each chunk is cast up, lerped in float32 and stochastically rounded back.
+
+    The staging (live pieces cast into a float32 scratch, zeroed by a closed gate) is that of
+    :class:`~polyak._torch.groups.StagedGroup`; each row is then copied into a second float32
+    scratch, lerped there and rounded back into the bf16 average.
+    """
 
     def __init__(
-        self, segments: list[Segment], seed: int, group: int, chunk: int | None = None
+        self,
+        segments: list[Segment],
+        seed: int,
+        group: int,
+        chunk: int | None = None,
+        gate: Gate | None = None,
     ) -> None:
-        chunk = update.CHUNK if chunk is None else chunk
-        self.segments = segments
-        ref = segments[0].rows[0]
-        self.k = len(segments[0].rows)
+        super().__init__(segments, chunk, gate=gate, scratch_dtype=torch.float32)
+        dev = self.scratch.device
         self.seed, self.group = seed, group
-        pieces = [p for s in segments for p in s.split(chunk)]
-        size = max([chunk, *(p.numel for p in pieces)])
-        dev = ref.device
-        self.value = torch.empty(size, dtype=torch.float32, device=dev)
-        self.live = torch.empty(size, dtype=torch.float32, device=dev)
-        self.noise = torch.empty(size, dtype=torch.int32, device=dev)
+        self.value = torch.empty_like(self.scratch)
+        self.noise = torch.empty(self.scratch.numel(), dtype=torch.int32, device=dev)
         self.generator = torch.Generator(device=dev)
         self.mask = _mask(dev)
-        self.batches: list[tuple] = []
-        batch: list[Segment] = []
-        used = 0
-        for p in [*pieces, None]:
-            if p is None or used + p.numel > size:
-                if batch:
-                    self._add(batch, used)
-                batch, used = [], 0
-            if p is not None:
-                batch.append(p)
-                used += p.numel
-        self.kernels = sum(len(b[0]) for b in self.batches) * (2 + 3 * self.k)
+        self.values = []
+        for scratch, *_, used in self.batches:
+            offsets = [v.data_ptr() - self.scratch.data_ptr() for v in scratch]
+            size = self.scratch.element_size()
+            self.values.append(
+                (
+                    [self.value[o // size : o // size + v.numel()].view(v.shape)
+                     for o, v in zip(offsets, scratch)],
+                    self.value[: used.numel()],
+                    self.noise[: used.numel()],
+                )
+            )  # fmt: skip
 
-    def _add(self, batch: list[Segment], used: int) -> None:
-        value, live, offset = [], [], 0
-        for p in batch:
-            shape = p.rows[0].shape
-            value.append(self.value[offset : offset + p.numel].view(shape))
-            live.append(self.live[offset : offset + p.numel].view(shape))
-            offset += p.numel
-        sources = [(p.live, p.part) for p in batch]
-        rows = [[p.rows[k] for p in batch] for k in range(self.k)]
-        spans = (self.value[:used], self.noise[:used])
-        self.batches.append((value, live, sources, rows, spans))
+    @property
+    def launches(self) -> int:
+        return sum(len(b[0]) for b in self.batches) * (2 + 3 * self.k)
 
     def reseed(self, updates: int) -> None:
         """Start the noise stream of update number ``updates`` (a pure function of it)."""
         self.generator.manual_seed(seed_for(self.seed, updates, self.group))
 
-    def apply(self, lives: Sequence[torch.Tensor], decays: Sequence[float]) -> None:
-        for value, live, sources, rows, (value_span, noise_span) in self.batches:
-            src = [
-                x if not isinstance(x, int) else lives[x] if p is None else lives[x][p[0] : p[1]]
-                for x, p in sources
-            ]
-            if any(d == 0.0 for d in decays) or any(0.0 < d < 1.0 for d in decays):
-                torch._foreach_copy_(live, src)
-            for row, d in zip(rows, decays):
-                if d == 1.0:
+    def apply(self, decays: Sequence[float]) -> None:
+        gated = self.gate is not None
+        if gated:
+            self.weights.set(decays)
+        for (scratch, batch, rows, _, _, used), (values, value_span, noise_span) in zip(
+            self.batches, self.values
+        ):
+            self._stage(scratch, batch, used)
+            for k, (row, d) in enumerate(zip(rows, decays)):
+                if d == 1.0 and not gated:
                     continue
-                if d == 0.0:  # a copy rounds to nearest: the best bf16 value, no noise
-                    torch._foreach_copy_(row, live)
+                if d == 0.0 and not gated:  # a copy rounds to nearest: the best bf16 value
+                    torch._foreach_copy_(row, scratch)
                     continue
-                torch._foreach_copy_(value, row)
-                torch._foreach_lerp_(value, live, 1.0 - d)
+                torch._foreach_copy_(values, row)
+                if gated:
+                    torch._foreach_lerp_(values, scratch, [self.weights.tensor[k]] * len(values))
+                else:
+                    torch._foreach_lerp_(values, scratch, 1.0 - d)
                 stochastic_round_(value_span, noise_span, self.generator, self.mask)
-                torch._foreach_copy_(row, value)
+                torch._foreach_copy_(row, values)

@@ -1,11 +1,12 @@
-"""Segments: one tensor's (or one run's) views in each average, paired with its live source.
+"""Segments: one tensor's (or one run's) views in each average, paired with what it reads.
 
-A source is a live tensor, fetched afresh at every update (so a replaced ``.data`` is always
-seen), or, for a *run*, a cached span: a run is a sequence of tensors that sit next to each other
-in the average's buffer and whose live tensors are contiguous views of one storage with the same
-layout (what ``flat_params=True`` makes of a model, :mod:`polyak._torch.flat_params`). A run is
-updated as one span: one kernel instead of one per tensor. The kernels are in
-:mod:`polyak._torch.update`.
+A segment reads either a model tensor itself (the parameter or buffer object, so that a new
+``.data`` is read at the next update; a piece of it is sliced at each update, never cached, so
+that no view keeps an old storage alive) or a *span*: a run of tensors that sit next to each
+other in the average's buffer and whose live tensors are contiguous views of one storage with the
+same layout (what ``flat_params=True`` makes of a model, :mod:`polyak._torch.flat_params`). A
+span is updated as one tensor: one kernel instead of one per tensor. The update strategies are
+in :mod:`polyak._torch.groups`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak._torch.storage import FlatStorage
-
-__all__ = ["Segment", "build_segments", "joins", "positions", "stack_rows"]
-
-Source = int | torch.Tensor  # index into the live list, or a cached span
+__all__ = ["Segment", "build_segments", "joins", "stack_rows"]
 
 
 def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -39,46 +36,54 @@ def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 class Segment:
-    """``rows``: the segment's view in each average; ``live``: its source (module doc);
-    ``part``: a ``(start, stop)`` slice along dim 0 of the live tensor, or ``None``."""
+    """``rows``: the segment's view in each average; ``source``: the model tensor or the span it
+    reads; ``part``: a ``(start, stop)`` slice along dim 0 of a model tensor, or ``None``;
+    ``span``: the source is a cached span of flat weights."""
 
-    __slots__ = ("live", "part", "rows", "stacked")
+    __slots__ = ("part", "rows", "source", "span", "stacked")
 
-    def __init__(self, rows: list[torch.Tensor], live: Source, part=None) -> None:
+    def __init__(
+        self,
+        rows: list[torch.Tensor],
+        source: torch.Tensor,
+        part: tuple[int, int] | None = None,
+        span: bool = False,
+    ) -> None:
         self.rows = rows
-        self.live = live
+        self.source = source
         self.part = part
+        self.span = span
         self.stacked = stack_rows(rows)
 
     @property
     def numel(self) -> int:
         return self.rows[0].numel()
 
-    def source(self, lives: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not isinstance(self.live, int):
-            return self.live
-        t = lives[self.live]
-        return t if self.part is None else t[self.part[0] : self.part[1]]
+    def read(self) -> torch.Tensor:
+        """What this segment's averages move towards, now."""
+        if self.part is None:
+            return self.source
+        return self.source[self.part[0] : self.part[1]]
 
     def split(self, size: int) -> list[Segment]:
         """Pieces of at most ``size`` elements per row (one piece if it cannot be cut)."""
         n = self.numel
         if n <= size:
             return [self]
-        if not isinstance(self.live, int):  # a run: a flat span, cut anywhere
+        if self.span:  # a flat span: cut anywhere, and keep the cut (it reads our own buffer)
             return [
-                Segment([r[a : a + size] for r in self.rows], self.live[a : a + size])
+                Segment([r[a : a + size] for r in self.rows], self.source[a : a + size], span=True)
                 for a in range(0, n, size)
             ]
         shape = self.rows[0].shape
         if len(shape) == 0 or shape[0] < 2:
             return [self]
         step = max(1, size // (n // shape[0]))  # along dim 0: valid for any live strides
+        start = 0 if self.part is None else self.part[0]
         out = []
         for a in range(0, shape[0], step):
             b = min(a + step, shape[0])
-            lo, hi = (a, b) if self.part is None else (self.part[0] + a, self.part[0] + b)
-            out.append(Segment([r[a:b] for r in self.rows], self.live, (lo, hi)))
+            out.append(Segment([r[a:b] for r in self.rows], self.source, (start + a, start + b)))
         return out
 
 
@@ -102,8 +107,7 @@ def build_segments(
     offsets: Sequence[int],
     adjacent: Sequence[bool],
     lives: Sequence[torch.Tensor],
-    index: Sequence[int],
-) -> tuple[list[Segment], list[int]]:
+) -> list[Segment]:
     """Segments of one group, joining neighbours whose live tensors are laid out like the average.
 
     Args:
@@ -111,48 +115,29 @@ def build_segments(
         offsets: element offset of each member in ``buffer``, ascending.
         adjacent: ``adjacent[m]``: member ``m`` directly follows member ``m - 1`` in ``buffer``
             (nothing but padding between them).
-        lives: all live tensors; ``lives[index[m]]`` is member ``m``'s.
-
-    Returns:
-        the segments, and the live indices whose ``data_ptr`` a cached span depends on.
+        lives: member ``m``'s live tensor is ``lives[m]``.
     """
     segments: list[Segment] = []
-    watched: list[int] = []
     run: list[int] = []
     k = buffer.shape[0]
 
     def close() -> None:
         if len(run) == 1:
-            m = run[0]
-            t = lives[index[m]]
-            view = buffer[:, offsets[m] : offsets[m] + t.numel()]
-            segments.append(Segment([view[r].view(t.shape) for r in range(k)], index[m]))
+            t = lives[run[0]]
+            view = buffer[:, offsets[run[0]] : offsets[run[0]] + t.numel()]
+            segments.append(Segment([view[r].view(t.shape) for r in range(k)], t))
         elif run:
-            first, last = lives[index[run[0]]], lives[index[run[-1]]]
+            first, last = lives[run[0]], lives[run[-1]]
             lo, hi = offsets[run[0]], offsets[run[-1]] + last.numel()
             span = first.detach().as_strided((hi - lo,), (1,), first.storage_offset())
-            segments.append(Segment([buffer[r, lo:hi] for r in range(k)], span))
-            watched.extend(index[m] for m in run)
+            segments.append(Segment([buffer[r, lo:hi] for r in range(k)], span, span=True))
         run.clear()
 
-    for m, i in enumerate(index):
-        if (
-            run
-            and adjacent[m]
-            and joins(lives[index[run[0]]], offsets[run[0]], lives[i], offsets[m])
-        ):
+    for m, t in enumerate(lives):
+        if run and adjacent[m] and joins(lives[run[0]], offsets[run[0]], t, offsets[m]):
             run.append(m)
             continue
         close()
         run.append(m)
     close()
-    return segments, watched
-
-
-def positions(storage: FlatStorage) -> dict[str, int]:
-    """Each tensor's rank by offset within its buffer (neighbours differ by one)."""
-    out: dict[str, int] = {}
-    for key in storage.buffers:
-        names = sorted((s.offset, n) for n, s in storage.slots.items() if s.key == key)
-        out.update({n: p for p, (_, n) in enumerate(names)})
-    return out
+    return segments

@@ -3,19 +3,27 @@
 The averages of a model live in a ``(K, N)`` buffer per group, one row per average; every tensor
 of average ``k`` is a view of row ``k``. An update is then a few multi-tensor kernels over
 contiguous memory, several averages sit next to each other, and ``torch.save`` writes each
-buffer once. (DESIGN.md, "storage".)
+buffer once. :class:`Averages` is what an ``EMA`` holds: the ``K`` rows of averaged tensors and
+one row of copied tensors (integer buffers, ``buffers="copy"``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FlatStorage", "Slot"]
+__all__ = ["ALIGN_BYTES", "Averages", "FlatStorage", "Slot", "align"]
 
-_ALIGN_BYTES = 64  # each view starts on a cache line: vector loads stay aligned
+ALIGN_BYTES = 64  # each view starts on a cache line: vector loads stay aligned
+
+
+def align(count: int, dtype: torch.dtype) -> int:
+    """``count`` elements of ``dtype`` rounded up to a whole number of 64-byte lines."""
+    unit = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-count // unit) * unit
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,7 @@ class FlatStorage:
         self.slots = {}
         for name, shape, dtype, device in self.specs:
             key = (torch.device(device), dtype)
-            align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-            offset = -(-sizes.get(key, 0) // align) * align
+            offset = align(sizes.get(key, 0), dtype)
             self.slots[name] = Slot(name, key, offset, torch.Size(shape))
             sizes[key] = offset + torch.Size(shape).numel()
         self.buffers = {
@@ -73,9 +80,60 @@ class FlatStorage:
         """Bytes held by all buffers (padding included)."""
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def group_views(self, row: int) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-        """Views of ``row`` grouped by buffer, in the order of ``specs``."""
-        out: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for name, s in self.slots.items():
-            out.setdefault(s.key, []).append(self.views[row][name])
+    def positions(self) -> dict[str, int]:
+        """Each tensor's rank by offset within its buffer (neighbours differ by one)."""
+        out: dict[str, int] = {}
+        for key in self.buffers:
+            names = sorted((s.offset, n) for n, s in self.slots.items() if s.key == key)
+            out.update({n: p for p, (_, n) in enumerate(names)})
         return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All values finite (one reduction, no copy); integer tensors always are."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.linalg.vector_norm(t, math.inf)))
+
+
+class Averages:
+    """``K`` averages of the averaged tensors and one copy of the copied ones.
+
+    Args:
+        names: every tracked tensor's name, in the order the model lists them.
+        averaged: ``(name, shape, dtype, device)`` of the averaged tensors.
+        copied: the same for the copied tensors.
+        rows: number of averages ``K``.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        averaged: Sequence[tuple[str, torch.Size, torch.dtype, torch.device]],
+        copied: Sequence[tuple[str, torch.Size, torch.dtype, torch.device]],
+        rows: int,
+    ) -> None:
+        self.names = list(names)
+        self.averaged = FlatStorage(averaged, rows=rows)
+        self.copied = FlatStorage(copied, rows=1)
+
+    def row(self, k: int) -> dict[str, torch.Tensor]:
+        """``{name: view}`` of average ``k``, averaged and copied tensors, in model order."""
+        avg, cpy = self.averaged.views[k], self.copied.views[0]
+        return {n: avg[n] if n in avg else cpy[n] for n in self.names}
+
+    @property
+    def nbytes(self) -> int:
+        return self.averaged.nbytes + self.copied.nbytes
+
+    def nonfinite(self, k: int) -> list[str]:
+        """Names of the tensors of average ``k`` that hold an ``inf`` or ``nan``.
+
+        One reduction per storage buffer; tensors are looked at one by one only when a buffer
+        is not finite, so the common case costs one read of the average.
+        """
+        rows = [b[k] for b in self.averaged.buffers.values()]
+        rows += list(self.copied.buffers.values())
+        if all(_finite(r) for r in rows):
+            return []
+        return [n for n, v in self.row(k).items() if not _finite(v)]

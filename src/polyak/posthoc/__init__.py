@@ -7,10 +7,16 @@ as the least-squares combination of the snapshots whose weight profile over trai
 closest to the target's.
 
 Example:
-    >>> ph = polyak.PostHocEMA(model, "runs/x", snapshot_every=1000)  # doctest: +SKIP
-    >>> ...  # train, calling ph.update() after each optimizer step; then ph.close()
-    >>> avg = polyak.posthoc.reconstruct("runs/x", sigma_rel=0.08)  # doctest: +SKIP
-    >>> many = polyak.posthoc.reconstruct_many("runs/x", [0.02, 0.05, 0.1, 0.2])  # doctest: +SKIP
+    >>> import tempfile, torch, polyak
+    >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+    >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+    >>> for step in range(100):  # after each optimizer step
+    ...     ph.update()
+    >>> ph.close()  # waits for the last write
+    >>> avg = polyak.posthoc.reconstruct(store, sigma_rel=0.08)  # {name: float32 tensor}
+    >>> sorted(avg), avg.step
+    (['bias', 'weight'], 100)
+    >>> many = polyak.posthoc.reconstruct_many(store, [0.05, 0.1, 0.2])
 
 Needs torch and safetensors (``pip install polyak[torch]``).
 """

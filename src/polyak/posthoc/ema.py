@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,11 +79,17 @@ class PostHocEMA:
             ``include``/``exclude``, ``start_step``, ...), except ``decay``.
 
     Example:
-        >>> ph = polyak.PostHocEMA(model, "runs/x", snapshot_every=1000)  # doctest: +SKIP
-        >>> for batch in loader:  # doctest: +SKIP
-        ...     loss(model, batch).backward(); opt.step(); opt.zero_grad(); ph.update()
-        >>> ph.close()  # doctest: +SKIP
-        >>> avg = polyak.posthoc.reconstruct("runs/x", sigma_rel=0.08)  # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> [s["step"] for s in polyak.posthoc.list_snapshots(store).snapshots]
+        [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+        >>> avg = polyak.posthoc.reconstruct(store, sigma_rel=0.08)
+        >>> model.load_state_dict(avg)
+        <All keys matched successfully>
 
     References:
         Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
@@ -101,6 +108,10 @@ class PostHocEMA:
         retention: Retention | None = None,
         **ema_kwargs: Any,
     ) -> None:
+        if importlib.util.find_spec("safetensors") is None:
+            raise ImportError(
+                'PostHocEMA writes safetensors files: pip install "polyak[torch]" (or safetensors)'
+            )
         if "decay" in ema_kwargs:
             raise TypeError("PostHocEMA chooses the decays (one power schedule per sigma_rel)")
         if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):

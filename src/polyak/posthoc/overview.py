@@ -77,7 +77,15 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
             reported in the listing, not raised.
 
     Example:
-        >>> print(polyak.posthoc.list_snapshots("runs/exp1/posthoc"))  # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> listing = polyak.posthoc.list_snapshots(store, verify=True)
+        >>> len(listing.snapshots), listing.snapshots[-1]["problems"], listing.ignored
+        (10, [], [])
     """
     path, ranks = open_store(directory, None, warn=False)
     first = ranks[0].manifest
@@ -152,8 +160,15 @@ def weight_profiles(
     suffice: they should overlap, and ``fit`` should be small.
 
     Example:
-        >>> for p in polyak.posthoc.weight_profiles("runs/x", [0.05, 0.2]):  # doctest: +SKIP
-        ...     plt.stairs(p.achieved, p.edges, label=p.label)
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> p = polyak.posthoc.weight_profiles(store, [0.08], bins=100)[0]
+        >>> p.label, p.edges.shape, p.fit < 0.02  # plt.stairs(p.achieved, p.edges)
+        ('sigma_rel=0.08', (101,), True)
     """
     bins = integer("bins", bins, 1)
     targets = targets_from(sigma_rels, gammas, decays)

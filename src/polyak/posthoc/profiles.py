@@ -186,7 +186,7 @@ def solve(ts: object, gammas: object, t: float, target: Target) -> Solution:
 
     Example:
         >>> s = solve([100.0, 100.0], [16.97, 6.94], 100.0, Target.make(gamma=6.94))
-        >>> [round(x, 6) for x in s.coefficients], s.fit < 1e-6
+        >>> [round(float(x), 6) for x in s.coefficients], bool(s.fit < 1e-6)
         ([0.0, 1.0], True)
 
     References:

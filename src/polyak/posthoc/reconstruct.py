@@ -201,8 +201,17 @@ def reconstruct_many(
             missing (named, with its step).
 
     Example:
-        >>> avgs = reconstruct_many("runs/exp1/posthoc", [0.05, 0.1, 0.2])  # doctest: +SKIP
-        >>> [round(a.fit, 4) for a in avgs]                                # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> avgs = reconstruct_many(store, [0.05, 0.1, 0.2], decays=[0.97])
+        >>> [a.label for a in avgs]
+        ['sigma_rel=0.05', 'sigma_rel=0.1', 'sigma_rel=0.2', 'decay=0.97']
+        >>> all(a.fit < 0.1 for a in avgs)
+        True
 
     References:
         Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
@@ -264,8 +273,15 @@ def reconstruct(
     See :func:`reconstruct_many` (which reads the snapshots once for many targets).
 
     Example:
-        >>> avg = polyak.posthoc.reconstruct("runs/x", sigma_rel=0.08)  # doctest: +SKIP
-        >>> model.load_state_dict(avg, strict=False); avg.fit  # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> avg = polyak.posthoc.reconstruct(store, sigma_rel=0.08, step=50)
+        >>> avg.step, max(step for step, _ in avg.sources)
+        (50, 50)
     """
     Target.make(sigma_rel, gamma=gamma, decay=decay)  # exactly one, valid
     return reconstruct_many(
@@ -295,7 +311,15 @@ def window_average(
     ``PostHocEMA(..., keep_live=True)``.
 
     Example:
-        >>> lawa = polyak.posthoc.window_average("runs/exp1/posthoc", k=5)  # doctest: +SKIP
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10, keep_live=True)
+        >>> for step in range(100):
+        ...     ph.update()
+        >>> ph.close()
+        >>> lawa = polyak.posthoc.window_average(store, k=5)
+        >>> lawa.label, [step for step, _ in lawa.sources]
+        ('window=5', [60, 70, 80, 90, 100])
     """
     k = integer("k", k, 1)
     path, ranks = open_store(directory, rank)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from polyak._horizon import integer
+from polyak.errors import NonFiniteError
 from polyak.posthoc import store
 
 __all__ = ["Retention", "SnapshotWriteError", "SnapshotWriter"]
@@ -92,9 +93,10 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], key: str, step: int) -> N
                     " (float16 holds |x| <= 65504: weights this large need "
                     "snapshot_dtype=torch.float32 or torch.bfloat16)"
                 )
-            raise ValueError(
+            raise NonFiniteError(
                 f"{name} of average {key!r} at step {step} is not finite in {t.dtype}{hint}; "
-                "the snapshot was not written"
+                "the snapshot was not written",
+                [name],
             )
 
 

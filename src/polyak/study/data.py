@@ -130,9 +130,11 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
         DataError: The file cannot be read, is empty, truncated, oversized or not IDX.
 
     Example:
-        >>> images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-        >>> images.shape, images.dtype
-        ((10000, 28, 28), dtype('uint8'))
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+        >>> _ = path.write_bytes(bytes([0, 0, 0x08, 1, 0, 0, 0, 3, 7, 8, 9]))  # uint8, 1-D, 3 items
+        >>> read_idx(path)
+        array([7, 8, 9], dtype=uint8)
     """
     name = os.fspath(path)
     try:
@@ -222,8 +224,8 @@ def load_fashion_mnist(
         ValueError: A subset size is not a positive int or exceeds what the files hold.
 
     Example:
-        >>> ds = load_fashion_mnist(train_size=1000, test_size=500)
-        >>> ds.x_train.shape, ds.num_classes
+        >>> ds = load_fashion_mnist(train_size=1000, test_size=500)  # doctest: +SKIP
+        >>> ds.x_train.shape, ds.num_classes  # needs the four files  # doctest: +SKIP
         ((1000, 784), 10)
     """
     directory = Path(data_dir) if data_dir is not None else DEFAULT_FASHION_MNIST_DIR
@@ -392,7 +394,7 @@ def resolve_dataset(
     Example:
         >>> ds, message = resolve_dataset("digits", seed=1)
         >>> print(message)  # doctest: +ELLIPSIS
-        Using digits (scikit-learn bundled, 1257 train / 540 test); for Fashion-MNIST...
+        Using digits (scikit-learn bundled, 1257 train / 540 test)...
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASET_NAMES:
@@ -404,7 +406,8 @@ def resolve_dataset(
         return ds, f"Using Fashion-MNIST from {directory} ({_sizes(ds)})."
     if key == "digits":
         ds = load_digits(**kw)
-        return ds, f"Using digits (scikit-learn bundled, {_sizes(ds)}); {get_fashion}."
+        hint = f"; {get_fashion}" if _locate_fashion_files(directory)[1] else ""
+        return ds, f"Using digits (scikit-learn bundled, {_sizes(ds)}){hint}."
     if key == "diabetes":
         ds = load_diabetes(**kw)
         return ds, f"Using diabetes regression (scikit-learn bundled, {_sizes(ds)})."

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,48 @@ import numpy as np
 import torch
 
 import polyak
+from polyak.bench.report import check_output_dir, machine
 from polyak.study.classify import LIVE, make_split, train_run
 from polyak.study.config import StudyConfig
-from polyak.study.data import resolve_dataset
+from polyak.study.data import Dataset, resolve_dataset
+from polyak.study.plots import write_plots
 from polyak.study.regression import SETTINGS, regression_case, summarise_regression
-from polyak.study.report import findings, format_table, targets, write_plots, write_report
+from polyak.study.report import findings, format_table, targets, write_report
 from polyak.study.summary import summarise_noise_level
-from polyak.workflows._progress import Progress
+from polyak.workflows.progress import Progress
 
-__all__ = ["run_study"]
+__all__ = ["StudyPlan", "prepare_study", "run_study"]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """A validated study, its data loaded and its output directory made: what
+    :func:`prepare_study` checked, so that :func:`run_study` fails for no user error."""
+
+    requested: StudyConfig  # as given (for the "reproduce with" command)
+    config: StudyConfig  # resolved
+    data: Dataset
+    message: str  # which data was used, for the user
+    out: Path
+    started: float  # time.perf_counter() when preparing began: the wall time counts it
+
+
+def prepare_study(config: StudyConfig) -> StudyPlan:
+    """Validate ``config``, load its dataset and create its output directory.
+
+    Raises:
+        ValueError: a bad setting, a dataset that is missing or malformed
+            (:class:`polyak.study.data.DataError`), or an output directory that cannot be
+            written; the message names the flag or the file.
+    """
+    started = time.perf_counter()
+    cfg = config.resolved()
+    kw: dict[str, Any] = {"seed": 0}
+    if cfg.dataset in ("auto", "fashion-mnist"):
+        kw.update(train_size=cfg.train_size, test_size=cfg.test_size)
+    data, message = resolve_dataset(cfg.dataset, cfg.data_dir, **kw)
+    check_output_dir(cfg.out, "--out")
+    return StudyPlan(config, cfg, data, message, Path(cfg.out), started)
 
 
 def _command(cfg: StudyConfig) -> str:
@@ -94,28 +128,24 @@ def _execute(jobs: list[tuple[Any, ...]], workers: int) -> Iterator[tuple[Any, .
             yield future.result()
 
 
-def run_study(config: StudyConfig) -> dict[str, Any]:
-    """Run the study described by ``config``; write its outputs; return every number."""
-    requested = config
-    cfg = config.resolved()
-    start = time.perf_counter()
+def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
+    """Run the study described by ``config`` (or a :func:`prepare_study` plan); write its
+    outputs to ``config.out``; return every number."""
+    plan = config if isinstance(config, StudyPlan) else prepare_study(config)
+    cfg, data, message, out = plan.config, plan.data, plan.message, plan.out
     torch.set_num_threads(cfg.threads)
-    kw: dict[str, Any] = {"seed": 0}
-    if cfg.dataset.lower().replace("_", "-") in ("auto", "fashion-mnist"):
-        kw.update(train_size=cfg.train_size, test_size=cfg.test_size)
-    data, message = resolve_dataset(cfg.dataset, cfg.data_dir, **kw)
     print(message, file=sys.stderr)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     tty = cfg.progress and sys.stderr.isatty()
     reg_units = len(SETTINGS) * cfg.regression_splits if cfg.regression else 0
     progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units, "study",
                         enabled=tty)  # fmt: skip
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    reg_splits = range(cfg.first_seed, cfg.first_seed + cfg.regression_splits)
 
     splits = {noise: make_split(data, noise, cfg.val_fraction) for noise in cfg.noise}
-    jobs: list[tuple[Any, ...]] = [("cls", n, seed) for n in cfg.noise for seed in range(cfg.seeds)]
+    jobs: list[tuple[Any, ...]] = [("cls", n, seed) for n in cfg.noise for seed in seeds]
     if cfg.regression:
-        jobs += [("reg", name, i) for name in SETTINGS for i in range(cfg.regression_splits)]
+        jobs += [("reg", name, i) for name in SETTINGS for i in reg_splits]
     _SHARED.update(cfg=cfg, splits=splits)
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
@@ -126,7 +156,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",
                   file=sys.stderr, flush=True)  # fmt: skip
     progress.close()
-    runs = {str(n): [done[("cls", n, seed)] for seed in range(cfg.seeds)] for n in cfg.noise}
+    runs = {str(n): [done[("cls", n, seed)] for seed in seeds] for n in cfg.noise}
     summary = {n: summarise_noise_level(r) for n, r in runs.items()}
     reliability: dict[str, Any] = {}
     if "0.0" in runs:
@@ -135,23 +165,22 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         reliability = {
             "labels": splits[0.0].y_test.numpy(),
             "probabilities": {LIVE: clean[LIVE], best: clean[best]},
+            "seed": cfg.first_seed,
         }
     regression = None
     if cfg.regression:
-        rows = {
-            name: [done[("reg", name, i)] for i in range(cfg.regression_splits)]
-            for name in SETTINGS
-        }
+        rows = {name: [done[("reg", name, i)] for i in reg_splits] for name in SETTINGS}
         regression = summarise_regression(rows, cfg.quick)
 
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
-        "command": _command(requested),
+        "command": _command(plan.requested),
+        "default_protocol": cfg.is_default_protocol() and data.name == "fashion-mnist",
         "dataset": {"name": data.name, "source": data.source, "message": message,
                     "train": len(data.x_train), "test": len(data.x_test)},
         "versions": {"polyak": polyak.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version(),
-                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"},
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "classification": {
             "summary": summary,
             "runs": {n: [{k: v for k, v in r.items() if k not in ("predictions", "probabilities")}
@@ -159,14 +188,16 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         },
         "regression": regression,
     }  # fmt: skip
-    results["wall_time_s"] = time.perf_counter() - start
+    results["wall_time_s"] = time.perf_counter() - plan.started
     plots = write_plots(results, reliability, out)
     write_report(results, plots, out)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     print(format_table(summary))
     for line in findings(results):
         print(line.replace("**", "").replace("`", ""))
-    met = [ok for *_, ok in targets(results)]
-    print(f"\nwall time {results['wall_time_s']:.0f} s; goals of the default protocol met: "
-          f"{sum(met)} of {len(met)}; report: {out / 'report.md'}")  # fmt: skip
+    graded = ""
+    if results["default_protocol"]:
+        met = [ok for *_, ok in targets(results)]
+        graded = f"; goals of the default protocol met: {sum(met)} of {len(met)}"
+    print(f"\nwall time {results['wall_time_s']:.0f} s{graded}; report: {out / 'report.md'}")
     return results

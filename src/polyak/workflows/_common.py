@@ -32,7 +32,6 @@ __all__ = [
     "check_forward",
     "check_loader",
     "check_module",
-    "check_same_tensors",
     "default_forward",
     "eval_mode",
     "loss_sum",
@@ -227,21 +226,3 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in itertools.chain(root.named_parameters(), root.named_buffers()):
         out[canonical_name(name)] = t
     return out
-
-
-def check_same_tensors(
-    ours: Mapping[str, torch.Tensor], theirs: Mapping[str, Any], what: str, where: str
-) -> None:
-    """Named error unless both sides have the same names and shapes."""
-    missing = [n for n in ours if n not in theirs]
-    extra = [n for n in theirs if n not in ours]
-    if missing or extra:
-        raise ValueError(f"{what} does not match {where}: missing {missing}, unexpected {extra}")
-    for n, t in ours.items():
-        src = theirs[n]
-        if not isinstance(src, torch.Tensor):
-            raise TypeError(f"{what}: {n} is a {type(src).__name__}, not a tensor")
-        if src.shape != t.shape:
-            raise ValueError(
-                f"{what}: {n} has shape {tuple(src.shape)}, {where} has {tuple(t.shape)}"
-            )

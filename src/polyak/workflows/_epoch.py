@@ -18,9 +18,9 @@ from polyak.workflows._common import (
     run_forward,
     to_device,
 )
-from polyak.workflows._progress import Progress
 from polyak.workflows.bn import BNState, batchnorms, load_bn, recompute_bn, save_bn
 from polyak.workflows.evaluate import Metric, evaluate
+from polyak.workflows.progress import Progress
 
 __all__ = ["evaluate_all", "evaluate_average", "length", "train_epoch"]
 

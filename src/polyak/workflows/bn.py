@@ -112,11 +112,16 @@ def recompute_bn(
         TypeError: ``model`` is not a module, ``loader`` not iterable, ``forward`` not callable.
 
     Example:
-        >>> ema = polyak.EMA(model, decay=0.999)                           # doctest: +SKIP
-        >>> train(model, ema)  # ema.update() after each optimizer step   # doctest: +SKIP
-        >>> polyak.recompute_bn(ema.module, train_loader)                  # doctest: +SKIP
-        >>> with ema.swapped(model):                                       # doctest: +SKIP
-        ...     polyak.recompute_bn(model, train_loader, num_batches=50)
+        >>> import torch, polyak
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> ema = polyak.EMA(model, decay=0.999)
+        >>> train_loader = [torch.randn(16, 3) for _ in range(4)]
+        >>> for x in train_loader:  # training: an optimizer step, then ema.update()
+        ...     _ = model(x)
+        ...     ema.update()
+        >>> _ = polyak.recompute_bn(ema.module, train_loader)  # statistics of the averaged weights
+        >>> with ema.swapped(model):  # or in place, in the EMA's storage
+        ...     _ = polyak.recompute_bn(model, train_loader, num_batches=2)
 
     References:
         Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._torch.naming import check_tensors
 from polyak.workflows._common import (
     check_count,
     check_module,
-    check_same_tensors,
     named_tensors,
 )
 
@@ -65,14 +65,18 @@ class EarlyStopping:
         keep_weights: copy the best weights (default); ``False`` keeps only epochs and scores.
 
     Example:
-        >>> stopper = polyak.EarlyStopping(patience=5)                      # doctest: +SKIP
-        >>> for epoch in range(100):                                        # doctest: +SKIP
-        ...     train_one_epoch(model, ema)
-        ...     scores = {"live": evaluate(model), "ema": evaluate(ema.module)}
-        ...     if stopper.update(scores, {"live": model, "ema": ema.module}):
+        >>> import torch, polyak
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema = polyak.EMA(model, decay=0.9)
+        >>> stopper = polyak.EarlyStopping(patience=2)
+        >>> val_losses = [(0.9, 0.8), (0.7, 0.6), (0.8, 0.65), (0.9, 0.7), (0.5, 0.5)]
+        >>> models = {"live": model, "ema": ema.module}
+        >>> for live, averaged in val_losses:  # each epoch: train, ema.update(), evaluate
+        ...     if stopper.update({"live": live, "ema": averaged}, models):
         ...         break
-        >>> stopper.best                 # Best(epoch=31, which='ema', value=0.41)  # doctest: +SKIP
-        >>> stopper.restore(model)       # the model now holds the best weights  # doctest: +SKIP
+        >>> stopper.best  # two epochs without improvement after epoch 2: stopped at epoch 4
+        Best(epoch=2, which='ema', value=0.6)
+        >>> _ = stopper.restore(model)  # the model now holds the best weights
 
     References:
         Morales-Brotons, Vogels & Hendrikx, TMLR 2024, Sec. 3 and Table 6 (early-stopped EMA).
@@ -263,7 +267,7 @@ class EarlyStopping:
                 "(update(scores, models) or observe(name, score, model)) and keep_weights=True"
             )
         targets = named_tensors(model)
-        check_same_tensors(targets, self._state, "the best weights", type(model).__name__)
+        check_tensors(targets, self._state, f"the best weights ({type(model).__name__})")
         for n, t in targets.items():
             t.copy_(self._state[n])
         return self._best

@@ -9,13 +9,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from polyak._torch.naming import canonical_name
+from polyak._torch.naming import canonical_name, check_tensors
 from polyak.workflows._common import (
     Forward,
     check_forward,
     check_loader,
     check_module,
-    check_same_tensors,
     eval_mode,
     model_device,
     run_forward,
@@ -50,7 +49,7 @@ def _loaded(template: nn.Module, state: Mapping[str, Any], index: int) -> Iterat
     for name, t in template.state_dict(keep_vars=True).items():
         ours.setdefault(canonical_name(name), t)
     theirs = {canonical_name(k): v for k, v in state.items()}
-    check_same_tensors(ours, theirs, f"the state dict of member {index}", "the model template")
+    check_tensors(ours, theirs, f"the state dict of member {index}")
     seen: set[int] = set()
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
@@ -134,10 +133,14 @@ def ensemble_predictions(
             members that saw different targets (a shuffling loader).
 
     Example:
-        >>> checkpoints = [torch.load(p, weights_only=True) for p in paths]  # doctest: +SKIP
-        >>> probs, labels = polyak.ensemble_predictions(checkpoints, test_loader,
-        ...                                             model=net)         # doctest: +SKIP
-        >>> polyak.metrics.accuracy(probs, labels)                          # doctest: +SKIP
+        >>> import torch, polyak
+        >>> net = torch.nn.Linear(4, 3)
+        >>> checkpoints = [{k: v + i for k, v in net.state_dict().items()} for i in range(3)]
+        >>> test_loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+        >>> probs, labels = polyak.ensemble_predictions(checkpoints, test_loader, model=net)
+        >>> probs.shape, labels.shape
+        (torch.Size([16, 3]), torch.Size([16]))
+        >>> accuracy = polyak.metrics.accuracy(probs.numpy(), labels.numpy())
 
     References:
         Huang et al., "Snapshot Ensembles: Train 1, get M for free", ICLR 2017; Izmailov et al.,

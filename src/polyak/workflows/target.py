@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._names import check_names
 from polyak._torch.naming import select_tensors
+from polyak.kernels import lerp_lists_
 from polyak.workflows._common import check_module
 
 __all__ = ["hard_update_", "soft_update_"]
@@ -54,12 +56,7 @@ def _pairs(
         raise ValueError("target and online are the same module: make the target a copy")
     ours = {e.name: e for e in select_tensors(target, buffers)}
     theirs = {e.name: e for e in select_tensors(online, buffers)}
-    missing = [n for n in ours if n not in theirs]
-    extra = [n for n in theirs if n not in ours]
-    if missing or extra:
-        raise ValueError(
-            f"target and online networks differ: online lacks {missing}, target lacks {extra}"
-        )
+    check_names(ours, theirs, "the online network does not match the target")
     averaged: list[tuple[torch.Tensor, torch.Tensor]] = []
     copied: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, entry in ours.items():
@@ -84,18 +81,8 @@ def _apply(
     copied: list[tuple[torch.Tensor, torch.Tensor]],
     weight: float,
 ) -> None:
-    if weight == 1.0:
-        copied, averaged = copied + averaged, []
-    groups: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for t, o in averaged if weight > 0.0 else []:
-        groups.setdefault((t.device, t.dtype, o.device, o.dtype), []).append((t, o))
-    for (tdev, tdt, odev, odt), pairs in groups.items():
-        ts, os_ = [p[0] for p in pairs], [p[1] for p in pairs]
-        if (tdev, tdt) == (odev, odt):
-            torch._foreach_lerp_(ts, os_, weight)  # in place, no temporaries
-        else:  # other dtype/device: one cast copy per tensor
-            for t, o in pairs:
-                t.lerp_(o.to(t.device, t.dtype), weight)
+    # one _foreach_lerp_ per (device, dtype), no temporaries; a cast copy only where they differ
+    lerp_lists_([t for t, _ in averaged], [o for _, o in averaged], weight)
     if copied:
         torch._foreach_copy_([t for t, _ in copied], [o for _, o in copied])
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from polyak._torch.ema import EMA
+from polyak._torch.naming import unwrap
 from polyak.workflows._common import (
     Forward,
     check_count,
@@ -20,11 +21,11 @@ from polyak.workflows._common import (
     preserved_rng,
 )
 from polyak.workflows._epoch import evaluate_all, evaluate_average, length, train_epoch
-from polyak.workflows._progress import Progress
 from polyak.workflows.bn import batchnorms, load_bn
 from polyak.workflows.bn import recompute_bn as _recompute_bn
 from polyak.workflows.early_stopping import EarlyStopping
 from polyak.workflows.evaluate import Metric, check_metrics
+from polyak.workflows.progress import Progress
 
 __all__ = ["train_with_ema"]
 
@@ -96,6 +97,7 @@ def train_with_ema(
         device: where the model and batches go (default: the model's own device).
         ema: an existing :class:`polyak.EMA` of ``model`` to use (then leave ``ema_decay``),
             built on the model's final device; keep it to read the averages after training.
+            An EMA of another model is refused.
         metrics: ``{name: fn(outputs, targets) -> float}`` over the whole validation set, e.g.
             ``{"accuracy": polyak.metrics.accuracy}``.
         accumulation_steps: micro-batches per optimizer step (and per average update). With
@@ -113,7 +115,8 @@ def train_with_ema(
             says so.
         final_weights: what the model holds at the end: ``"average"`` (default, the first
             average; BatchNorm recomputed if asked), ``"live"``, ``"best"`` (the early-stopping
-            best), or the name of one average.
+            best), or the name of one average. An average holding inf/nan is never copied in:
+            the live weights stay, with a warning.
         progress: draw a progress bar on stderr; ``None`` (default) draws only on a terminal.
         forward: ``forward(model, batch) -> (outputs, targets)`` for other batch layouts.
 
@@ -165,6 +168,12 @@ def train_with_ema(
             raise TypeError(f"ema must be a polyak.EMA, got {type(ema).__name__}")
         if not (isinstance(ema_decay, float) and ema_decay == 0.999):
             raise ValueError("pass either ema= (an EMA you built) or ema_decay=, not both")
+        if unwrap(ema.model) is not unwrap(model):
+            raise ValueError(
+                f"ema= averages another model ({type(ema.model).__name__} at "
+                f"{id(unwrap(ema.model)):#x}), not the one to train; build it as "
+                "polyak.EMA(model, ...) on this model"
+            )
     if device is not None:
         model.to(torch.device(device))
     if ema is None:
@@ -280,6 +289,15 @@ def _finish(
         early_stopping.restore(model)
         return
     name = ema.names[0] if final_weights == "average" else final_weights
+    bad = ema.nonfinite_tensors(name)
+    if bad:  # never hand out a non-finite average: keep the live weights
+        warnings.warn(
+            f"final_weights={final_weights!r}: average {name!r} holds inf/nan in {bad[:5]}; the "
+            "model keeps its live weights",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
     ema.copy_to(model, name=name)
     if bn_loader is not None:
         _recompute_bn(model, bn_loader, bn_batches, forward)

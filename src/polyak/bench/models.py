@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SHAPES", "build_model", "describe"]
+from polyak.bench.config import SHAPES
 
-SHAPES = ("transformer", "mlp", "resnet50", "transformer-bf16")
+__all__ = ["SHAPES", "build_model", "describe", "one_element_tensors"]
 
 
 class _Block(nn.Module):
@@ -124,6 +124,22 @@ def build_model(shape: str, scale: float = 1.0, seed: int = 0) -> nn.Module:
                     m.running_var.uniform_(0.5, 1.5)
     if shape == "transformer-bf16":
         model = model.to(torch.bfloat16)
+    return model
+
+
+class _Scalars(nn.Module):
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.values = nn.ParameterList(nn.Parameter(torch.zeros(1)) for _ in range(count))
+
+
+def one_element_tensors(count: int, seed: int = 0) -> nn.Module:
+    """A model of ``count`` one-element float32 parameters: an update of it is all overhead."""
+    torch.manual_seed(seed)
+    model = _Scalars(count)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
     return model
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SwapState", "shared_module", "swap_in", "swap_out"]
+__all__ = ["SwapState", "guard", "shared_module", "swap_in", "swap_out"]
 
 
 class SwapState:
@@ -27,16 +28,21 @@ class SwapState:
 
     def __init__(
         self,
+        names: Sequence[str],
         targets: Sequence[torch.Tensor],
         saved: Sequence[torch.Tensor],
         by_copy: Sequence[bool],
     ) -> None:
+        self.names = list(names)
         self.targets = list(targets)
         self.saved = list(saved)
         self.by_copy = list(by_copy)
         self.hook: Any = None
+        self.finalizer: Any = None
         # (index, source, version) of targets that see a copy of their source
         self.copies: list[tuple[int, torch.Tensor, int]] = []
+        # (index, version) of the parameters, whose writes (an optimizer step) are training
+        self.versions: list[tuple[int, int]] = []
 
 
 def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -51,30 +57,57 @@ def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:
 
 def swap_in(
     root: nn.Module,
+    names: Sequence[str],
     targets: Sequence[torch.Tensor],
     sources: Sequence[torch.Tensor],
     by_copy: Sequence[bool],
+    params: Sequence[bool],
 ) -> SwapState:
     """Point each target's ``.data`` at the matching source (cast copy if dtype/device differ);
-    where ``by_copy``, copy the source into the target instead, keeping a copy of its data."""
-    state = SwapState(targets, [], by_copy)
+    where ``by_copy``, copy the source into the target instead, keeping a copy of its data.
+
+    All or nothing: everything that allocates (the copies of copied targets' data, the cast
+    copies) is made before the first target changes, and a failure while exchanging puts back
+    what was exchanged, so the model either holds the average everywhere or nowhere.
+    """
+    state = SwapState(names, targets, [], by_copy)
     with torch.no_grad():
         state.saved = [t.detach().clone() if c else t.data for t, c in zip(targets, by_copy)]
-        for i, (t, s, c) in enumerate(zip(targets, sources, by_copy)):
-            if c:
-                t.copy_(s)
-            elif s.dtype == t.dtype and s.device == t.device:
-                t.data = s
-                continue
-            else:
-                t.data = s.to(t.device, t.dtype)
-            state.copies.append((i, s, t._version))
+        cast = [
+            None if c or (s.dtype == t.dtype and s.device == t.device) else s.to(t.device, t.dtype)
+            for t, s, c in zip(targets, sources, by_copy)
+        ]
+        done = 0
+        try:
+            for t, s, c, x in zip(targets, sources, by_copy, cast):
+                if c:
+                    t.copy_(s)
+                else:
+                    t.data = s if x is None else x
+                done += 1
+        except BaseException:
+            for t, old, c in zip(targets[:done], state.saved, by_copy):
+                if c:
+                    t.copy_(old)
+                else:
+                    t.data = old
+            raise
+    for i, (t, c, x) in enumerate(zip(targets, by_copy, cast)):
+        if c or x is not None:
+            state.copies.append((i, sources[i], t._version))
+        if params[i]:
+            state.versions.append((i, t._version))
     state.hook = root.register_state_dict_pre_hook(_warn_state_dict)
     return state
 
 
-def swap_out(state: SwapState) -> None:
-    """Write back what was written into copies; give every target its own data back exactly."""
+def swap_out(state: SwapState) -> list[str]:
+    """Write back what was written into copies; give every target its own data back exactly.
+
+    Returns:
+        the names of the parameters written during the swap (training on swapped weights).
+    """
+    written = [state.names[i] for i, v in state.versions if state.targets[i]._version != v]
     with torch.no_grad():
         for i, source, version in state.copies:
             if state.targets[i]._version != version:
@@ -86,6 +119,26 @@ def swap_out(state: SwapState) -> None:
                 t.data = s
     if state.hook is not None:
         state.hook.remove()
+    if state.finalizer is not None:
+        state.finalizer.detach()
+    return written
+
+
+def _abandoned(state: SwapState) -> None:
+    swap_out(state)
+    warnings.warn(
+        "an EMA was garbage-collected while its average was swapped into the model; the "
+        "training weights have been put back. Leave `with ema.swapped(...)` (or call "
+        "restore()) before dropping the EMA.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+def guard(owner: object, state: SwapState) -> None:
+    """Put the training weights back if ``owner`` is collected while ``state`` is swapped in."""
+    state.finalizer = weakref.finalize(owner, _abandoned, state)
+    state.finalizer.atexit = False
 
 
 def shared_module(

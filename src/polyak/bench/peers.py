@@ -1,52 +1,25 @@
-"""What ``polyak bench`` times: references, polyak's modes and each peer, behind one interface.
-
-Every candidate is built on a model, gets one baseline ``update()`` (peers whose first call copies
-do so there), and is then timed on weights that differ from its average, so every timed call does
-a real update with a constant decay. Its averaged parameters can then be checked against the
-float64 value ``live + (live0 - live) * decay**n``.
+"""The peers ``polyak bench`` compares with, and the loader of timm's EMA file.
 
 Peers are used as their documentation says, with only the settings needed for a constant decay
 updated every call (ema-pytorch: ``update_every=1``, ``update_after_step=0``, ``min_value=beta``;
 diffusers: ``min_decay=decay``; torch_ema: ``use_num_updates=False``). timm's package import needs
-torchvision; its ``utils/model_ema.py`` imports only torch and is loaded by path (an unchanged
-file of the installed package). A peer that is missing or fails is skipped with its reason.
+torchvision, which has no build for the CPU torch used here; its ``timm/utils/model_ema.py``
+imports only torch and is loaded by path (the installed file, unchanged). The tests load it
+through :func:`timm_model_ema` too. A peer that is missing or fails is skipped with its reason.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from polyak.bench import PEERS
+from polyak.bench.candidates import Candidate
+from polyak.bench.config import PEERS
 
-__all__ = ["PEERS", "Candidate", "make_peer", "measure_update", "memory_of", "timm_model_ema"]
-
-
-@dataclass
-class Candidate:
-    """``update``: one update; ``averages``: its averaged parameters in ``model.parameters()``
-    order (``None``: not checkable); ``rows``: several averages' decays (K>1) else one."""
-
-    name: str
-    kind: str  # "reference" | "polyak" | "peer"
-    update: Callable[[], None]
-    averages: Callable[[], list[list[torch.Tensor]]] | None = None
-    decays: tuple[float, ...] = ()
-    note: str = ""
-    calls: int = 0
-    held: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self) -> None:
-        self.update()
-        self.calls += 1
+__all__ = ["PEERS", "make_peer", "timm_model_ema"]
 
 
 def timm_model_ema() -> types.ModuleType:
@@ -145,31 +118,4 @@ def make_peer(name: str, model: nn.Module, decay: float) -> Candidate:
             note=f"min_decay=decay, foreach={foreach}; parameters only",
             extra={"obj": ema},
         )
-    raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
-
-
-def _events(fn: Callable[[], Any]) -> tuple[Any, list[Any]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    return out, list(prof.events())
-
-
-def memory_of(build: Callable[[], Any]) -> tuple[Any, int]:
-    """``build()`` and the bytes it left allocated (profiler memory events: allocs - frees)."""
-    out, events = _events(build)
-    return out, sum(e.self_cpu_memory_usage for e in events)
-
-
-def measure_update(candidate: Candidate) -> dict[str, int]:
-    """Bytes allocated (gross, profiler memory events) and top-level ATen ops of one update."""
-    _, events = _events(candidate)
-    allocated = sum(max(0, e.self_cpu_memory_usage) for e in events)
-    ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
-    return {"allocated": allocated, "ops": ops}
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy (its own storage) of ``model``."""
-    return copy.deepcopy(model)
+    raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_output_dir",
     "compile_line",
     "goals",
     "goals_table",
@@ -23,6 +24,7 @@ __all__ = [
     "precision_table",
     "section_table",
     "skipped_list",
+    "sweep_table",
     "versions",
     "write",
 ]
@@ -182,6 +184,25 @@ def compile_line(c: dict[str, Any]) -> str:
     return text + (f"; error: {c['error']}" if "error" in c else "") + "\n"
 
 
+def sweep_table(sweep: dict[str, Any]) -> str:
+    lines = [
+        "### Python overhead per update against the tensor count",
+        "",
+        "Models of one-element float32 tensors; `update()` minus the same "
+        "`torch._foreach_lerp_` over its `update_lists()` lists (median over 600 back-to-back "
+        "pairs, the order alternating); `bare kernels`: those lists' own time per update.",
+        "",
+        "| tensors | default µs | flat_params µs | bare kernels µs |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in sweep["rows"]:
+        lines.append(
+            f"| {r['tensors']} | {r['default_s'] * 1e6:.1f} | {r['flat_params_s'] * 1e6:.1f} "
+            f"| {r['kernels_s'] * 1e6:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def precision_table(p: dict[str, Any]) -> str:
     lines = [
         f"### bf16 storage vs float64 ({p['weights']} weights, magnitudes 1e-3..1, "
@@ -223,6 +244,17 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 est <= 1.10,
                 f"{est:.3f}x (kernel + {over.get('default', 0) * 1e6:.0f} us); timed {r:.2f}x",
             )
+        for mode in ("raise", "skip"):
+            row = rows.get(f"polyak nonfinite={mode}")
+            if default and row:
+                r = ratio(row, default)
+                add(
+                    f"nonfinite={mode!r} / default update, {shape}",
+                    "measured",
+                    r,
+                    None,
+                    f"{r:.2f}x",
+                )
         best = _fastest_peer(s["rows"])
         if default and best and shape == "transformer":
             r = ratio(best, default)
@@ -262,6 +294,16 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 if mode in rows and ref in rows:
                     r = ratio(rows[mode], rows[ref])
                     add(f"bf16 model / fp32 model, {mode}", "<= 1.2x", r, r <= 1.2, f"{r:.3f}x")
+    sweep = result.get("sweep", {}).get("rows", [])
+    for row in [r for r in sweep if r["tensors"] == max(r["tensors"] for r in sweep)]:
+        us = row["default_s"] * 1e6
+        add(
+            f"Python overhead per update, {row['tensors']} one-element tensors",
+            "<= 20 µs",
+            us,
+            us <= 20,
+            f"{us:.1f} µs",
+        )
     for m in result.get("multi", []):
         rows = _by_name(m["rows"])
         for one in m["rows"]:
@@ -307,9 +349,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def check_output_dir(directory: str, what: str = "output directory") -> None:
+    """Create ``directory`` if needed; a ``ValueError`` naming ``what`` and the path if it is a
+    file, cannot be created or cannot be written (checked before a run, not at its end)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{what} {directory} is a file, not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {directory}: cannot create the directory ({e.strerror})") from e
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {directory}: the directory is not writable")
+
+
 def write(result: dict[str, Any], directory: str) -> list[str]:
     """``<date>_<cpu>_<cores>c_torch-<v>_py<v>[_quick].{json,md}`` in ``directory``."""
-    os.makedirs(directory, exist_ok=True)
+    check_output_dir(directory)
     m, v = result["machine"], result["versions"]
     cpu = _slug(re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", m["cpu"]))
     stem = f"{m['date'][:10]}_{cpu}_{m['cores']}c_torch-{v['torch']}_py{m['python']}" + (
@@ -344,6 +399,8 @@ def write(result: dict[str, Any], directory: str) -> list[str]:
     ]
     parts += [section_table(s) for s in result["sections"]]
     parts += [multi_table(x) for x in result.get("multi", [])]
+    if "sweep" in result:
+        parts.append(sweep_table(result["sweep"]))
     if "compile" in result:
         parts.append(compile_line(result["compile"]))
     if "precision" in result:

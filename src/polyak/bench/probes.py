@@ -1,5 +1,6 @@
-"""The side measurements of ``polyak bench``: Python overhead per update, compile time of
-``compile_update=True`` in fresh processes, and bf16 storage against float64."""
+"""The side measurements of ``polyak bench``: Python overhead per update (on the benchmark's
+shapes, and swept over the tensor count), compile time of ``compile_update=True`` in fresh
+processes, and bf16 storage against float64."""
 
 from __future__ import annotations
 
@@ -12,42 +13,62 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyak._torch.bench_models import build_model
-from polyak._torch.ema import EMA
+from polyak import EMA
+from polyak.bench.config import SWEEP_TENSORS
+from polyak.bench.models import build_model, one_element_tensors
 
-__all__ = ["python_overhead", "run_compile_probe", "run_precision"]
+__all__ = ["overhead_sweep", "python_overhead", "run_compile_probe", "run_precision"]
 
 
-def _kernels_of(ema: EMA, decay: float) -> Callable[[], None]:
-    """The bare kernels of ``ema``'s one-average update: lerp of each flat run, one
-    ``_foreach_lerp_`` per group of scattered tensors, copies of copied tensors."""
+def bare_kernels(ema: EMA, decay: float) -> Callable[[], None]:
+    """The bare kernels of ``ema``'s one-average update: ``torch._foreach_lerp_`` over each list
+    pair of :meth:`polyak.EMA.update_lists` (what the update computes where the dtypes agree),
+    ``torch._foreach_copy_`` over the copied ones."""
     w = 1.0 - decay
-    lerps = [
-        (g.rows[0][len(g.fresh) :], g.cached, g.rows[0][: len(g.fresh)], g.fresh)
-        for g in ema._groups
-    ]
-    lerp_lists = [
-        (runs, spans, rows, [ema._lives[i] for i in fresh]) for runs, spans, rows, fresh in lerps
-    ]
-    copies = [(g.rows[0], [ema._lives[i] for i in g.fresh] + g.cached) for g in ema._copy_groups]
+    lists = ema.update_lists()
 
     @torch.no_grad()
     def run() -> None:
-        for runs, spans, rows, lives in lerp_lists:
-            for row, span in zip(runs, spans):
-                row.lerp_(span, w)
-            if rows:
-                torch._foreach_lerp_(rows, lives, w)
-        for rows, lives in copies:
-            torch._foreach_copy_(rows, lives)
+        for avgs, sources in lists.averaged:
+            torch._foreach_lerp_(avgs, sources, w)
+        for dsts, sources in lists.copied:
+            torch._foreach_copy_(dsts, sources)
 
     return run
 
 
+def flattened(ema: EMA) -> bool:
+    """Every update group of ``ema`` reads one span: ``flat_params=True`` moved the whole model."""
+    return all(len(sources) == 1 for _, sources in ema.update_lists().averaged)
+
+
+def _overhead_s(ema: EMA, decay: float, pairs: int = 600) -> tuple[float, float]:
+    """Median over ``pairs`` back-to-back pairs of (one update - the same bare kernels), the
+    order alternating within the pairs: a slow spell of a shared machine hits both sides of a
+    pair, and neither side always runs on caches the other warmed. Also the median time of the
+    bare kernels alone."""
+    kernels, update, clock = bare_kernels(ema, decay), ema.update, time.perf_counter
+    for _ in range(20):  # warm up: first-call work is not Python overhead
+        update()
+        kernels()
+    diffs, bare = [], []
+    for i in range(pairs):
+        first, second = (update, kernels) if i % 2 else (kernels, update)
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        t_update, t_kernels = (t1 - t0, t2 - t1) if i % 2 else (t2 - t1, t1 - t0)
+        diffs.append(t_update - t_kernels)
+        bare.append(t_kernels)
+    return statistics.median(diffs), statistics.median(bare)
+
+
 def python_overhead(shape: str, config: Any) -> dict[str, float]:
-    """Microseconds an ``update()`` spends outside its kernels, for the default and the flat
-    mode: a warm loop on ``shape`` at 1% of its width (the same tensors, so the same Python
-    work), ``update()`` minus the bare kernels of :func:`_kernels_of`, in interleaved chunks.
+    """Seconds an ``update()`` spends outside its kernels, for the default and the flat mode:
+    a warm loop on ``shape`` at 1% of its width (the same tensors, so the same Python work),
+    ``update()`` minus the bare kernels of :func:`bare_kernels`, paired call by call.
 
     At full size the kernels take milliseconds and vary by +-30% per call on a shared machine,
     so this is how the few-percent goals are checked: kernel time + this overhead."""
@@ -55,21 +76,32 @@ def python_overhead(shape: str, config: Any) -> dict[str, float]:
     for mode, flat in (("default", False), ("flat_params", True)):
         model = build_model(shape, 0.01, config.seed)
         ema = EMA(model, config.decay, flat_params=flat)
-        kernels = _kernels_of(ema, config.decay)
-        if flat:
-            assert all(not g.fresh for g in ema._groups), "the 1% model did not flatten"
-        diffs = []
-        for _ in range(15):
-            t0 = time.perf_counter()
-            for _ in range(40):
-                ema.update()
-            t1 = time.perf_counter()
-            for _ in range(40):
-                kernels()
-            t2 = time.perf_counter()
-            diffs.append(((t1 - t0) - (t2 - t1)) / 40)
-        out[mode] = statistics.median(diffs)
+        if flat and not flattened(ema):
+            raise RuntimeError(f"flat_params=True did not flatten the 1% {shape} model")
+        out[mode] = _overhead_s(ema, config.decay)[0]
     return out
+
+
+def overhead_sweep(config: Any) -> dict[str, Any]:
+    """Seconds of Python per ``update()`` against the number of tensors.
+
+    Models of :data:`~polyak.bench.config.SWEEP_TENSORS` one-element float32 parameters, so the
+    kernels move next to no memory; for each, ``update()`` minus the same
+    ``torch._foreach_lerp_`` over its :meth:`polyak.EMA.update_lists` lists (the median over 600
+    back-to-back pairs, see :func:`_overhead_s`), for the default and the ``flat_params=True``
+    mode. Also the bare kernels' own time (default mode, median per call), for scale.
+    """
+    rows = []
+    print(f"[sweep] Python overhead per update at {list(SWEEP_TENSORS)} tensors", flush=True)
+    for count in SWEEP_TENSORS:
+        row: dict[str, Any] = {"tensors": count}
+        for mode, flat in (("default", False), ("flat_params", True)):
+            ema = EMA(one_element_tensors(count, config.seed), config.decay, flat_params=flat)
+            row[f"{mode}_s"], kernels_s = _overhead_s(ema, config.decay)
+            if not flat:
+                row["kernels_s"] = kernels_s
+        rows.append(row)
+    return {"what": "update() minus the bare foreach_lerp_ over update_lists()", "rows": rows}
 
 
 def run_compile_probe(config: Any) -> dict[str, Any]:
@@ -83,7 +115,7 @@ def run_compile_probe(config: Any) -> dict[str, Any]:
 
     code = (
         "import time, torch, polyak\n"
-        "from polyak._torch.bench_models import build_model\n"
+        "from polyak.bench.models import build_model\n"
         "m = build_model('transformer', 0.05)\n"
         "e = polyak.EMA(m, [0.9, 0.99, 0.999, 0.9999, 0.99999], flat_params=True,"
         " compile_update=True)\n"
@@ -112,7 +144,13 @@ def run_compile_probe(config: Any) -> dict[str, Any]:
 
 
 def run_precision(config: Any) -> dict[str, Any]:
-    """bf16 storage against float64 over a long drifting, noisy stream (literature.md s.5)."""
+    """bf16 storage against float64 over a long drifting, noisy stream.
+
+    A bf16 average rounds away every update ``(1 - decay) * (live - avg)`` smaller than half a
+    unit in its last place (2**-9 to 2**-8 of its magnitude): at decay 0.999 it follows only
+    weights that differ from it by more than 2-4x its magnitude. Stochastic rounding keeps the
+    expected update (Gupta et al., "Deep Learning with
+    Limited Numerical Precision", ICML 2015)."""
     steps = 200 if config.quick else 20000
     n = 4096
     gen = torch.Generator().manual_seed(config.seed)

@@ -1,4 +1,4 @@
-"""The measurements behind ``polyak bench`` (:mod:`polyak.bench` holds the config and CLI)."""
+"""The timed tables of ``polyak bench``: every candidate of a shape, and several averages."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyak._torch.bench_candidates import (
-    Candidate,
-    clone_model,
-    make_peer,
-    measure_update,
-    memory_of,
-)
-from polyak._torch.bench_models import build_model, describe
-from polyak._torch.bench_probes import python_overhead
-from polyak._torch.ema import EMA
+from polyak import EMA
+from polyak.bench.candidates import Candidate, clone_model, measure_update, memory_of
+from polyak.bench.models import build_model, describe
+from polyak.bench.peers import make_peer
+from polyak.bench.probes import python_overhead
 
 __all__ = ["Flusher", "run_multi", "run_shape", "time_interleaved"]
 
@@ -104,6 +99,7 @@ def _polyak(
     flat: bool = False,
     count: int = 1,
     compiled: bool = False,
+    nonfinite: str = "propagate",
 ) -> Candidate:
     """``count`` polyak EMAs on ``model`` updated together (one candidate)."""
     names = [n for n, _ in model.named_parameters()]
@@ -111,9 +107,11 @@ def _polyak(
     def build() -> list[EMA]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if count == 1:
-                return [EMA(model, decays, flat_params=flat, compile_update=compiled)]
-            return [EMA(model, d, flat_params=flat, compile_update=compiled) for d in decays]
+            per_ema = [decays] if count == 1 else list(decays)
+            return [
+                EMA(model, d, flat_params=flat, compile_update=compiled, nonfinite=nonfinite)
+                for d in per_ema
+            ]
 
     # what an EMA holds is its storage: the profiler would also count flat_params moving the
     # weights into a new buffer, but not the freeing of their old storage (allocated earlier)
@@ -133,7 +131,7 @@ def _polyak(
             e.update()
 
     flat_decays = tuple(decays) if isinstance(decays, (list, tuple)) else (decays,)
-    kernels = sum(g.kernels for e in emas for g in e._groups + e._copy_groups)
+    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)  # launches: all averages
     c = Candidate(name, "polyak", emas[0].update if count == 1 else update, averages, flat_decays)
     c.held = held
     c.extra["kernels"] = kernels
@@ -156,11 +154,7 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     """
     w = 1.0 - decay
     (ema_flat,) = flat.extra["emas"]
-    runs = [
-        (row, span)
-        for g in ema_flat._groups
-        for row, span in zip(g.rows[0][len(g.fresh) :], g.cached)
-    ]
+    runs = [pair for avgs, spans in ema_flat.update_lists().averaged for pair in zip(avgs, spans)]
     n = sum(span.numel() for _, span in runs)
     dst = torch.zeros(n)
 
@@ -186,10 +180,9 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     ]
     out[0].held = 4 * n
     (ema,) = default.extra["emas"]
-    groups = [g for g in ema._groups if hasattr(g, "fresh") and not g.cached]
-    if groups and all(type(g).__name__ == "DirectGroup" for g in ema._groups):
-        lists = [(g.rows[0], [ema._lives[i] for i in g.fresh]) for g in groups]
-
+    lists = ema.update_lists().averaged
+    if all(a.dtype == s.dtype for avgs, sources in lists for a, s in zip(avgs, sources)):
+        # the very lists the update lerps (same dtypes: no staged cast); no copied tensors
         @torch.no_grad()
         def foreach() -> None:
             for avgs, lives in lists:
@@ -312,6 +305,10 @@ def run_shape(shape: str, config: Any, flush: Callable[[], None]) -> dict[str, A
             )
         models += [fp32, fp32]
         extra_models = [fp32, fp32_flat]
+    if shape == "transformer":  # what guarding against inf/nan costs per update
+        for mode in ("raise", "skip"):
+            cands.append(_polyak(f"polyak nonfinite={mode}", model, decay, nonfinite=mode))
+            models.append(model)
     base = 2 if shape == "transformer-bf16" else 0  # the fp32 model's candidates there
     refs = _references(cands[base], cands[base + 1], decay)
     skipped: dict[str, str] = {}

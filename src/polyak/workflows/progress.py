@@ -1,4 +1,7 @@
-"""A one-line progress bar on stderr, drawn only when stderr is a terminal (no tqdm)."""
+"""A one-line progress bar on stderr, drawn only when stderr is a terminal (no tqdm).
+
+:func:`polyak.train_with_ema` draws it (``progress=``), and so does ``polyak study``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,14 @@ __all__ = ["Progress"]
 
 class Progress:
     """``prefix [#####-----] 12/40 loss 0.4321``, redrawn at most ten times a second.
+
+    Example:
+        >>> import io
+        >>> stream = io.StringIO()
+        >>> bar = Progress(4, "train", enabled=True, stream=stream, width=4)
+        >>> bar.update(4, "loss 0.5")
+        >>> stream.getvalue().split(chr(13))[-1].replace(chr(27) + "[K", "")  # after the last CR
+        'train [####] 4/4 loss 0.5'
 
     Args:
         total: number of items, or ``None`` when unknown (then only the count is shown).

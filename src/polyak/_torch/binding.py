@@ -1,0 +1,403 @@
+"""The model side of an :class:`polyak.EMA`: what it tracks, how an update reads it, and whether
+the model is still the one the plan was made for.
+
+A :class:`Binding` is made once per model and kept until the model changes: it holds the live
+tensors (the parameter and buffer objects themselves), the update groups over them
+(:mod:`polyak._torch.groups`) and a :class:`_Watch`. An update therefore does no per-tensor work
+in Python: it asks the watch whether anything changed (a flag and, with ``flat_params``, one
+counter per flat buffer) and runs the groups.
+
+What the watch sees, at no per-update cost:
+
+* a parameter, buffer or submodule registered on a tracked module (``model.head = ...``,
+  ``module.weight = nn.Parameter(...)``, new layers): global registration hooks;
+* a tracked tensor's storage replaced (``param.data = ...``, ``model.to(...)``, ``.half()``,
+  ``to_empty()``, ``torch.utils.swap_tensors``): a weak reference to each storage, whose
+  callback runs when the old storage is freed; with ``flat_params`` the flat buffer's use count.
+
+Either marks the binding stale; the next update then re-reads the model once (:meth:`refresh`):
+a tensor with the same name, shape and module is followed (new storage, dtype or device: the
+plan is rebuilt), anything else raises :class:`polyak.ModelChangedError`. What the watch
+cannot see: a tensor deleted (``del module.weight``) or put straight into a module's
+``_parameters``/``_buffers`` dict without a new storage for the old one (``model.to(...)`` writes
+buffers that way, but also gives the parameters new storages, which the watch sees), and a
+replaced storage that something else still holds (it is not freed). The full check that
+:meth:`verify` runs before every swap, copy and module view finds those too.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyak._torch.flat_params import describe_skipped, flatten_
+from polyak._torch.groups import Gate, Group, plan_groups
+from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
+from polyak._torch.segments import Segment
+from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
+from polyak._torch.storage import Averages
+from polyak.errors import ModelChangedError, NonFiniteError
+
+__all__ = ["Binding", "Policy", "select"]
+
+_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+_WATCHES: weakref.WeakSet[_Watch] = weakref.WeakSet()
+_HOOKS: list[Any] = []
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What an EMA tracks and how it stores and updates it (its constructor's options)."""
+
+    buffers: str
+    include: Any
+    exclude: Any
+    dtype: torch.dtype
+    device: torch.device | None
+    flat_params: bool
+    compile_update: bool
+    rounding_seed: int | None
+    nonfinite: str
+
+    def average_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """float32 (the default) is a floor: a float64 model keeps float64; an explicit bf16/fp16
+        request is honoured (the memory-saving opt-in) except for complex tensors."""
+        if self.dtype in (torch.bfloat16, torch.float16) and t.is_floating_point():
+            return self.dtype
+        return torch.promote_types(t.dtype, self.dtype)
+
+
+def select(model: nn.Module, policy: Policy) -> tuple[nn.Module, list[Entry], list[torch.Tensor]]:
+    """The unwrapped model, its tracked tensors and their live values."""
+    root = unwrap(model)
+    entries = select_tensors(root, policy.buffers, policy.include, policy.exclude)
+    return root, entries, [e.get() for e in entries]
+
+
+def pending(entries: Sequence[Entry], lives: Sequence[torch.Tensor]) -> str | None:
+    """Why the weights do not exist yet (lazy or meta tensors), or None."""
+    for e, t in zip(entries, lives):
+        why = unmaterialized(e.name, t)
+        if why is not None:
+            return why
+    return None
+
+
+def _on_registration(module: nn.Module, name: str, value: Any) -> None:
+    key = id(module)
+    for watch in list(_WATCHES):
+        if key in watch.modules:
+            watch.stale = True
+
+
+def _install_hooks() -> None:
+    if not _HOOKS:
+        from torch.nn.modules import module as m
+
+        _HOOKS.append(m.register_module_parameter_registration_hook(_on_registration))
+        _HOOKS.append(m.register_module_buffer_registration_hook(_on_registration))
+        _HOOKS.append(m.register_module_module_registration_hook(_on_registration))
+
+
+class _Watch:
+    """Says whether the model may have changed since the plan was made (module docstring)."""
+
+    def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: dict[int, Any]):
+        _install_hooks()
+        self.modules = frozenset(id(m) for m in root.modules())
+        self.stale = False
+        owned_set = set(owned)
+        self._refs: list[weakref.ref] = []
+        seen: set[int] = set()
+        for t in lives:
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass)
+                continue
+            ptr = storage.data_ptr()
+            if ptr in owned_set or (ptr in seen and ptr != 0):
+                continue
+            seen.add(ptr)
+            self._refs.append(weakref.ref(storage, self._fire))
+        # StorageImpl pointers (not data pointers) of the flat buffers, and their use counts
+        impls = [b.untyped_storage()._cdata for b in owned.values()]
+        self._counts = [(p, _USE_COUNT(p)) for p in impls] if _USE_COUNT is not None else []
+        self._owned_unwatched = bool(owned) and _USE_COUNT is None
+        _WATCHES.add(self)
+
+    def _fire(self, _: object) -> None:
+        self.stale = True
+
+    def changed(self) -> bool:
+        if self.stale or self._owned_unwatched:
+            return True
+        return any(_USE_COUNT(ptr) != count for ptr, count in self._counts)  # type: ignore[misc]
+
+
+def _diff(
+    old: Sequence[Entry], new: Sequence[Entry], shapes: Mapping[str, torch.Size], lives: Any
+) -> ModelChangedError | None:
+    """The structural change from the tensors ``old`` (whose averages have ``shapes``) to
+    ``new`` (with live values ``lives``), if any."""
+    before = {e.name: e for e in old}
+    after = {e.name: (e, t) for e, t in zip(new, lives)}
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    replaced, resized, moded = [], [], []
+    for n in before.keys() & after.keys():
+        e0, (e1, t1) = before[n], after[n]
+        if e0.owner is not e1.owner:
+            replaced.append(n)
+        elif shapes[n] != t1.shape:
+            resized.append(n)
+        elif e0.mode != e1.mode:
+            moded.append(f"{n} ({e0.mode} -> {e1.mode})")
+    if not (added or removed or replaced or resized or moded):
+        return None
+    parts = [
+        f"{what} {items}"
+        for what, items in (
+            ("added", added),
+            ("removed", removed),
+            ("replaced by a new module", sorted(replaced)),
+            (
+                "resized",
+                [f"{n} {tuple(shapes[n])} -> {tuple(after[n][1].shape)}" for n in sorted(resized)],
+            ),
+            ("now of another kind", sorted(moded)),
+        )
+        if items
+    ]
+    return ModelChangedError(
+        "the model changed under the EMA: "
+        + "; ".join(parts)
+        + ". Call ema.rebind() to accept it (unchanged tensors keep their averages, new ones "
+        "start from their live values, removed ones are dropped), or build a new EMA",
+        added=added,
+        removed=removed,
+        replaced=sorted(replaced),
+        resized=sorted(resized),
+    )
+
+
+class Binding:
+    """The tracked tensors of one model and the update plan over them.
+
+    Args:
+        model: the model as passed (possibly wrapped).
+        policy: the EMA's options.
+        averages: the storage the plan writes into.
+        selection: ``select(model, policy)``, when already made.
+        owned: the flat buffers ``flat_params`` made (shared across bindings of one EMA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        averages: Averages,
+        selection: tuple[nn.Module, list[Entry], list[torch.Tensor]] | None = None,
+        owned: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.averages = averages
+        self.root, self.entries, self.lives = selection or select(model, policy)
+        self.fsdp = fsdp_modules(self.root)
+        self.owned = {} if owned is None else owned
+        self.skipped: tuple[tuple[str, str], ...] = ()
+        self._gates: dict[torch.device, Gate] = {}
+        self.skip_count: torch.Tensor | None = None
+        self._warned = False
+        self._plan()
+
+    # ----------------------------------------------------------------- planning
+    def _members(self, mode: str) -> list[tuple[str, torch.Tensor]]:
+        return [(e.name, t) for e, t in zip(self.entries, self.lives) if e.mode == mode]
+
+    def _plan(self) -> None:
+        p = self.policy
+        shapes = self.shapes()
+        for e, t in zip(self.entries, self.lives):
+            if t.shape != shapes[e.name]:
+                raise ModelChangedError(
+                    f"{e.name}: the model has shape {tuple(t.shape)} but the average has "
+                    f"{tuple(shapes[e.name])}; call ema.rebind() to start it afresh",
+                    resized=[e.name],
+                )
+        averaged, copied = self._members("average"), self._members("copy")
+        sharded = {e.name for e, t in zip(self.entries, self.lives) if e.raw() is not t}
+        self.shards: dict[str, ShardInfo] = {
+            e.name: info for e in self.entries if (info := shard_info(e.raw())) is not None
+        }
+        if p.flat_params:
+            plans = ((self.averages.averaged, averaged), (self.averages.copied, copied))
+            skipped = tuple(flatten_(plans, sharded, self.owned))
+            if skipped and skipped != self.skipped:
+                warnings.warn(describe_skipped(skipped, len(self.lives)), UserWarning, stacklevel=5)
+            self.skipped = skipped
+        gate = self._gate if p.nonfinite == "skip" else None
+        rounded = None
+        if p.rounding_seed is not None:
+            from polyak._torch.rounding import RoundedGroup
+
+            seed, count = p.rounding_seed, iter(range(1 << 30))
+
+            def rounded(segments: list[Segment]) -> Group:
+                g = gate(segments[0].rows[0].device) if gate is not None else None
+                return RoundedGroup(segments, seed, next(count), gate=g)
+
+        self.groups = plan_groups(
+            self.averages.averaged, averaged, rounded=rounded, compiled=p.compile_update, gate=gate
+        )
+        self.copy_groups = plan_groups(self.averages.copied, copied, copy=True, gate=gate)
+        if p.compile_update and not self.skipped and not self.spans and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "compile_update=True applies to weights laid out like the averages; pass "
+                "flat_params=True (the update stays on the eager kernels)",
+                UserWarning,
+                stacklevel=5,
+            )
+        self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
+        self.watch = _Watch(self.root, self.lives, self.owned)
+
+    def _gate(self, device: torch.device) -> Gate:
+        if device not in self._gates:
+            self._gates[device] = Gate(device)
+        return self._gates[device]
+
+    def shapes(self) -> dict[str, torch.Size]:
+        """Each tracked tensor's shape, as its average has it."""
+        return {n: v.shape for n, v in self.averages.row(0).items()}
+
+    @property
+    def spans(self) -> bool:
+        """Some tensors are read as flat spans (``flat_params`` took effect)."""
+        return any(s.span for g in self.groups for s in g.segments)
+
+    @property
+    def launches(self) -> int:
+        return sum(g.launches for g in [*self.groups, *self.copy_groups])
+
+    # ----------------------------------------------------------------- watching
+    def check(self) -> None:
+        """Before an update: re-plan if the model changed, or raise if it changed shape."""
+        if self.fsdp:
+            reshard(self.fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
+        if self.watch.changed() or (
+            self.sharded and any(e.get() is not self.lives[i] for i, e in self.sharded)
+        ):
+            self.refresh()
+
+    def refresh(self, selection: tuple | None = None) -> None:
+        """Re-read the model; follow new storages, dtypes and devices, refuse other changes."""
+        root, entries, lives = selection or select(self.model, self.policy)
+        error = _diff(self.entries, entries, self.shapes(), lives)
+        if error is not None:
+            raise error
+        why = pending(entries, lives)
+        if why is not None:
+            raise ModelChangedError(why)
+        self.root, self.entries, self.lives = root, entries, lives
+        self._plan()
+
+    def verify(self) -> None:
+        """The full check (also what the watch cannot see), before a swap, copy or save."""
+        if self.fsdp:
+            reshard(self.fsdp)
+        selection = select(self.model, self.policy)
+        _, entries, lives = selection
+        if (
+            self.watch.changed()
+            or any(a is not b for a, b in zip(lives, self.lives))
+            or _diff(self.entries, entries, self.shapes(), lives) is not None
+        ):
+            self.refresh(selection)
+
+    # ----------------------------------------------------------------- updating
+    def finite(self) -> torch.Tensor:
+        """A 0-d bool tensor: every live value an update reads is finite (no host sync)."""
+        flags = []
+        for group in [*self.groups, *self.copy_groups]:
+            sources = [
+                s.source
+                for s in group.segments
+                if s.source.numel() and (s.source.is_floating_point() or s.source.is_complex())
+            ]
+            if sources:  # an L2 norm is inf/nan iff a value is (and ~10x faster than max|x|)
+                norms = torch._foreach_norm(sources, 2)
+                flags.append(torch.isfinite(torch.stack(norms)).all())
+        if not flags:
+            return torch.ones((), dtype=torch.bool)
+        ok = flags[0]
+        for f in flags[1:]:
+            ok = ok & f.to(ok.device, non_blocking=True)
+        return ok
+
+    def nonfinite_names(self) -> list[str]:
+        """Names of the live tensors holding ``inf``/``nan`` (a host sync per tensor)."""
+        return [
+            e.name
+            for e, t in zip(self.entries, self.lives)
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+        ]
+
+    def apply(self, decays: tuple[float, ...], updates: int) -> None:
+        """Run every group: average ``k`` moves with ``decays[k]``; copies are refreshed."""
+        nonfinite = self.policy.nonfinite
+        if nonfinite == "raise" and not bool(self.finite()):
+            names = self.nonfinite_names()
+            raise NonFiniteError(
+                f"the live weights hold inf/nan in {names[:10]}"
+                + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                + "; the averages were not updated (nonfinite='raise'). Pass "
+                "nonfinite='skip' to leave them unchanged on such steps instead",
+                names,
+            )
+        if self._gates:
+            ok = self.finite()
+            for gate in self._gates.values():
+                gate.set(ok)
+            first = next(iter(self._gates.values()))
+            if self.skip_count is None:
+                self.skip_count = torch.zeros((), dtype=torch.int64, device=first.bad.device)
+            self.skip_count.add_(first.bad)
+        if self.policy.rounding_seed is not None:
+            for group in self.groups:
+                reseed = getattr(group, "reseed", None)
+                if reseed is not None:
+                    reseed(updates)
+        with torch.no_grad():
+            for group in self.groups:
+                group.apply(decays)
+            for group in self.copy_groups:
+                group.apply((0.0,))
+
+    def update_lists(self, k: int) -> tuple[list, list]:
+        """``(averaged, copied)``: per group, the views of average ``k`` and their sources."""
+
+        def pairs(groups: list[Group], row: int) -> list:
+            return [
+                ([s.rows[row] for s in g.segments], [s.read() for s in g.segments]) for g in groups
+            ]
+
+        return pairs(self.groups, k), pairs(self.copy_groups, 0)
+
+    def targets(self, model: nn.Module | None) -> tuple[nn.Module, list[Entry]]:
+        """The tracked tensors of ``model`` (default: the bound one), matched by name."""
+        if model is None or unwrap(model) is self.root:
+            return self.root, self.entries
+        from polyak._torch.naming import check_tensors
+
+        root, entries, lives = select(model, self.policy)
+        ours = dict(zip((e.name for e in self.entries), self.lives))
+        check_tensors(ours, dict(zip((e.name for e in entries), lives)), type(model).__name__)
+        by_name = {e.name: e for e in entries}
+        return root, [by_name[e.name] for e in self.entries]

@@ -1,0 +1,168 @@
+"""``polyak.jax.update``: one pure, jit-able step of every average.
+
+The timeline rules of :class:`polyak._timeline.Timeline` (``update_every``, ``start_step``, the
+schedule applied over the whole gap) are carried out here on traced counters, and the decays
+come from the traced twins in :mod:`polyak.jax._decays`, so a jitted update compiles once and
+never waits for the host.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, leaf_paths, not_an_array
+
+__all__ = ["update"]
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, jax.core.Tracer):
+        return  # traced: the caller vouches for >= 1
+    try:
+        if isinstance(steps, bool):
+            raise TypeError
+        value = operator.index(steps)
+    except TypeError:
+        raise TypeError(f"steps must be an integer >= 1, got {steps!r}") from None
+    if value < 1:
+        raise ValueError(f"steps must be >= 1, got {value}")
+
+
+def matching_leaves(state: EMAState, params: Any) -> list[Any]:
+    """The leaves of ``params``, checked against the averages: same tree, shapes and kinds.
+
+    Raises:
+        ValueError: another tree structure or shape (the message names the leaves).
+        TypeError: a floating leaf where the average copied an integer one, or the reverse.
+    """
+    reference = state.averages[0]
+    leaves, treedef = jax.tree.flatten(params)
+    ref_leaves, ref_def = jax.tree.flatten(reference)
+    if treedef != ref_def:  # type: ignore[operator]
+        have, want = leaf_paths(params), leaf_paths(reference)
+        missing = [p for p in want if p not in set(have)]
+        extra = [p for p in have if p not in set(want)]
+        detail = (
+            f"missing {missing}, unexpected {extra}"
+            if missing or extra
+            else f"same leaves but other containers: {treedef} vs {ref_def}"
+        )
+        raise ValueError(f"params do not match the average's tree: {detail}")
+    for i, (x, avg) in enumerate(zip(leaves, ref_leaves)):
+        dtype = leaf_dtype(x)
+        if dtype is None:
+            raise not_an_array(x, leaf_paths(reference)[i])
+        if jnp.shape(x) != avg.shape:
+            raise ValueError(
+                f"params{leaf_paths(reference)[i]}: shape {jnp.shape(x)}, but the average has "
+                f"{avg.shape}"
+            )
+        if is_averaged(dtype) != is_averaged(avg.dtype):
+            kept = "averages" if is_averaged(avg.dtype) else "copies"
+            raise TypeError(
+                f"params{leaf_paths(reference)[i]}: dtype {dtype}, but the average {kept} a "
+                f"{avg.dtype} leaf here"
+            )
+    return leaves
+
+
+def _lerp(avg: jax.Array, x: Any, weight: jax.Array) -> jax.Array:
+    """``avg + weight * (x - avg)`` in the average's dtype, exact at both ends: ``weight = 1``
+    gives ``x`` bit for bit, as ``torch.lerp`` does (for ``weight >= 0.5`` it computes
+    ``x - (1 - weight) * (x - avg)``)."""
+    if not is_averaged(avg.dtype):
+        return jnp.array(x, dtype=avg.dtype, copy=True)
+    x = jnp.asarray(x).astype(avg.dtype)
+    weight = weight.astype(jnp.finfo(avg.dtype).dtype)
+    low = weight < 0.5
+    return jnp.where(low, avg, x) + jnp.where(low, weight, weight - 1.0) * (x - avg)
+
+
+def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
+    """Traced :meth:`Timeline.plan`: the new step, whether the averages change, and their
+    decays and weights (``1 - decay``)."""
+    t = state.step + steps
+    since = t - state.last_update_step
+    due = since >= spec.update_every
+    relative = t - spec.start_step
+    t_rel = jnp.maximum(relative, 1)
+    dt = jnp.clip(jnp.minimum(since, relative), 1, t_rel)
+    pairs = [f(t_rel, dt) for f in spec.twins]
+    copying = relative <= 0  # at or before start_step: copy the params
+    decays = jnp.where(copying, 0.0, jnp.stack([d for d, _ in pairs]))
+    weights = jnp.where(copying, 1.0, jnp.stack([w for _, w in pairs]))
+    return t, due, decays, weights
+
+
+@jax.jit
+def _update(state: EMAState, leaves: list[Any], steps: Any) -> EMAState:
+    spec = state.spec
+    t, due, decays, weights = _plan(spec, state, jnp.asarray(steps, jnp.int32))
+
+    def moved() -> tuple[Any, ...]:
+        out = []
+        for k, avg in enumerate(state.averages):
+            avg_leaves, treedef = jax.tree.flatten(avg)
+            new = [_lerp(a, x, weights[k]) for a, x in zip(avg_leaves, leaves)]
+            out.append(jax.tree.unflatten(treedef, new))
+        return tuple(out)
+
+    # with update_every > 1, lax.cond skips the memory traffic on the calls in between
+    averages = moved() if spec.update_every == 1 else lax.cond(due, moved, lambda: state.averages)
+    return state.replace(
+        averages=averages,
+        step=t,
+        last_update_step=jnp.where(due, t, state.last_update_step),
+        num_updates=state.num_updates + due.astype(jnp.int32),
+        last_decays=jnp.where(due, decays.astype(state.last_decays.dtype), state.last_decays),
+    )
+
+
+def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
+    """The state after ``steps`` more optimizer steps: every average moved towards ``params``.
+
+    Pure (returns a new state) and jit-able; call it after each optimizer step, inside your
+    jitted train step or on its own. For every floating leaf of every average,
+
+        avg <- avg + (1 - decay_t) * (value - avg)
+
+    in the average's dtype, where ``decay_t`` is the average's schedule over the ``dt`` optimizer
+    steps since its previous update (``decay**dt`` for a constant decay), so ``update_every``
+    and ``steps`` do not change the horizon. Other leaves are copied. The step counter and the
+    decays are traced: no retracing per step, no transfer to the host. When the averages are
+    not due (``update_every > 1``) only the counters change.
+
+    To update in place, donate the state: ``jax.jit(pj.update, donate_argnums=0)``.
+
+    Args:
+        state: from :func:`init` or a previous :func:`update`.
+        params: the live params, with the tree structure and shapes given to :func:`init`.
+        steps: optimizer steps since the previous call (an int ``>= 1``, may be traced).
+
+    Raises:
+        TypeError: ``state`` is not an :class:`EMAState`; a leaf changed kind; a bad ``steps``.
+        ValueError: ``params`` has another tree structure or shape (named); ``steps < 1``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, polyak.jax as pj
+        >>> from polyak import schedules
+        >>> state = pj.init({"w": jnp.zeros(2)}, decay=schedules.power(gamma=0.0))
+        >>> step = jax.jit(pj.update)
+        >>> for x in (1.0, 2.0, 3.0):
+        ...     state = step(state, {"w": jnp.full(2, x)})
+        >>> pj.average(state)["w"]                      # the mean of 1, 2, 3
+        Array([2., 2.], dtype=float32)
+
+    References:
+        Morales-Brotons, Vogels & Hendrikx, TMLR 2024, App. F (``decay**k`` when updating every
+        ``k`` steps); Karras et al., CVPR 2024, Eq. 2 (power averages over a gap).
+    """
+    if not isinstance(state, EMAState):
+        raise TypeError(f"state must be a polyak.jax EMAState (from pj.init), got {type(state)}")
+    _check_steps(steps)
+    return _update(state, matching_leaves(state, params), steps)

@@ -11,7 +11,7 @@ and holds the snapshots completed before it.
 Manifest (``"format": "polyak.posthoc"``, ``"version": 1``)::
 
     {"run_id": "...", "rank": 0, "world_size": 1, "sharded": false, "snapshot_dtype": "float16",
-     "start_step": 0,
+     "start_step": 0, "live": false,
      "averages": {"sigma0.05": {"sigma_rel": 0.05, "gamma": 16.97, "name": "power(...)"}, ...},
      "tensors": {"0.weight": {"shape": [...], "kind": "average" | "copied", "shard": null}, ...},
      "snapshots": [{"step": 1000, "t": 1000,

@@ -22,8 +22,9 @@ from polyak.errors import ModelChangedError, NonFiniteError, SwappedStateDictWar
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
-    from polyak import metrics, presets
+    from polyak import metrics, posthoc, presets
     from polyak._torch.ema import EMA
+    from polyak.posthoc import PostHocEMA
     from polyak.workflows import (
         EarlyStopping,
         ensemble_predictions,
@@ -49,6 +50,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "soft_update_": ("polyak.workflows", "soft_update_"),
     "hard_update_": ("polyak.workflows", "hard_update_"),
     "ensemble_predictions": ("polyak.workflows", "ensemble_predictions"),
+    "PostHocEMA": ("polyak.posthoc", "PostHocEMA"),
+    "posthoc": ("polyak.posthoc", None),
 }
 
 # An optional dependency (top-level module) -> the extra that installs it.
@@ -60,6 +63,7 @@ __all__ = [
     "EarlyStopping",
     "ModelChangedError",
     "NonFiniteError",
+    "PostHocEMA",
     "SwappedStateDictWarning",
     "__version__",
     "ema_update",
@@ -68,6 +72,7 @@ __all__ = [
     "evaluate",
     "hard_update_",
     "metrics",
+    "posthoc",
     "presets",
     "recompute_bn",
     "schedules",

@@ -1,0 +1,339 @@
+"""Averages reconstructed after training from a snapshot store (EDM2 post-hoc EMA, LAWA).
+
+:func:`reconstruct_many` solves EDM2's least-squares problem for every target (any
+``sigma_rel``, or a constant ``decay``) using the snapshots at or before ``step``, then streams
+the snapshot files once for all targets (:mod:`polyak.posthoc.reader`). :func:`window_average`
+averages the last ``k`` live snapshots (LAWA). Stores written by several ranks (FSDP2) are
+reconstructed per rank (``rank=r``: that rank's shards) or gathered into full tensors on one
+process (``rank=None``, no ``torch.distributed`` needed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyak._horizon import integer
+from polyak.posthoc import store
+from polyak.posthoc.combine import combine
+from polyak.posthoc.profiles import Solution, Target, solve
+from polyak.posthoc.store import RankStore, open_store
+
+__all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
+
+_ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
+
+
+class Reconstruction(dict):
+    """``{tensor name: tensor}`` of a reconstructed average, and how it was obtained.
+
+    Load it with ``model.load_state_dict(rec, strict=False)`` (names are canonical: no
+    ``module.`` prefixes) or save it with ``safetensors.torch.save_file(rec, path)``. Averaged
+    tensors are float32 (``dtype``); copied tensors (integer buffers, ``buffers="copy"``) come
+    from the latest snapshot used.
+
+    Attributes:
+        label: ``"sigma_rel=0.08"``, ``"decay=0.9995"`` or ``"window=4"``.
+        step: the optimizer step reconstructed.
+        solution: the :class:`~polyak.posthoc.profiles.Solution` (coefficients, ``fit``,
+            ``amplification``), ``None`` for a window average.
+        sources: ``(step, average key)`` of each snapshot file combined, in coefficient order.
+        coefficients: the weight of each source (they sum to 1).
+        rank: the rank whose shards these are (``None``: full tensors).
+        shards: for a rank's shards, ``{name: {"global_shape", "offset", "local_shape"}}``.
+    """
+
+    label: str
+    step: int
+    solution: Solution | None
+    sources: list[tuple[int, str]]
+    coefficients: np.ndarray
+    rank: int | None
+    shards: dict[str, Any] | None
+
+    @property
+    def fit(self) -> float | None:
+        """Relative L2 distance between the achieved and the target weight profile."""
+        return None if self.solution is None else self.solution.fit
+
+
+def _until(manifest: dict[str, Any], step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
+    """``(step, t, snapshots)``: the step asked for, its time, and the snapshots up to it."""
+    snaps = manifest["snapshots"]
+    if not snaps:
+        raise store.StoreError("the store holds no snapshots yet")
+    if step is None:
+        last = snaps[-1]
+        return last["step"], last["t"], snaps
+    step = integer("step", step, 1)
+    used = [s for s in snaps if s["step"] <= step]
+    if not used:
+        raise ValueError(f"no snapshot at or before step {step} (the first is {snaps[0]['step']})")
+    exact = [s["t"] for s in used if s["step"] == step]
+    return step, exact[0] if exact else step - manifest["start_step"], used
+
+
+def _sources(
+    directory: Path, manifest: dict[str, Any], snaps: list[dict[str, Any]], keys: Sequence[str]
+) -> tuple[list[store.SnapshotFile], list[dict[str, Any]]]:
+    files, used = [], []
+    for s in snaps:
+        entries = store.snapshot_files(directory, manifest, s)
+        for key in keys:
+            if key in entries:
+                files.append(entries[key])
+                used.append(s)
+    return files, used
+
+
+def solutions_for(
+    path: Path, manifest: dict[str, Any], step: int | None, targets: Sequence[Target]
+) -> tuple[int, list[store.SnapshotFile], list[Solution]]:
+    """The step, the snapshot files and one solution per target, from one rank's manifest."""
+    at, t, snaps = _until(manifest, step)
+    keys = sorted(manifest["averages"])
+    files, used = _sources(path, manifest, [s for s in snaps if s["t"] > 0], keys)
+    if not files:
+        raise ValueError(f"{path}: no snapshot of an average at or before step {at}")
+    ts = [s["t"] for s in used]
+    gammas = [manifest["averages"][f.key]["gamma"] for f in files]
+    solutions = [solve(ts, gammas, t, target) for target in targets]
+    rounding = _ROUNDING.get(manifest["snapshot_dtype"])
+    for s in solutions:
+        if rounding and s.amplification > 10:
+            warnings.warn(
+                f"{s.target.label}: the snapshots' coefficients add up to {s.amplification:.0f} "
+                f"in absolute value, which magnifies their {manifest['snapshot_dtype']} rounding "
+                f"(up to {rounding:.0e} of each weight) to up to {rounding * s.amplification:.0e}; "
+                "targets narrower than the narrowest stored average need float32 snapshots or "
+                "a narrower average (sigma_rels=...)",
+                UserWarning,
+                stacklevel=3,
+            )
+    return at, files, solutions
+
+
+def targets_from(
+    sigma_rels: Sequence[float], gammas: Sequence[float], decays: Sequence[float]
+) -> list[Target]:
+    """The targets in the order the results come in: sigma_rels, gammas, decays."""
+    targets = [Target.make(s) for s in sigma_rels]
+    targets += [Target.make(gamma=g) for g in gammas]
+    targets += [Target.make(decay=d) for d in decays]
+    if not targets:
+        raise ValueError("give at least one target: sigma_rels, gammas or decays")
+    return targets
+
+
+def _averaged(manifest: dict[str, Any]) -> set[str]:
+    return {n for n, info in manifest["tensors"].items() if info["kind"] == "average"}
+
+
+def _assemble(parts: list[list[Reconstruction]], ranks: list[RankStore]) -> list[Reconstruction]:
+    """Full tensors from every rank's shards (copied into place, rank by rank)."""
+    for r, part in zip(ranks[1:], parts[1:]):
+        if part[0].sources != parts[0][0].sources:
+            raise store.StoreError(
+                f"rank {r.rank} holds snapshots {sorted({s for s, _ in part[0].sources})}, rank "
+                f"0 holds {sorted({s for s, _ in parts[0][0].sources})}: a rank's write failed"
+            )
+    tables = [r.manifest["tensors"] for r in ranks]
+    out = []
+    for k, first in enumerate(parts[0]):
+        full = Reconstruction()
+        full.__dict__.update(first.__dict__, rank=None, shards=None)
+        for name, info in tables[0].items():
+            if info.get("shard") is None:
+                full[name] = first[name]
+                continue
+            shape = info["shard"]["global_shape"]
+            full[name] = torch.empty(shape, dtype=first[name].dtype)
+            for table, part in zip(tables, parts):
+                view = full[name]
+                shard = table[name]["shard"]
+                for dim, (lo, size) in enumerate(zip(shard["offset"], shard["local_shape"])):
+                    view = view.narrow(dim, lo, size)
+                view.copy_(part[k][name])
+        out.append(full)
+    return out
+
+
+def reconstruct_many(
+    directory: str | Path,
+    sigma_rels: Sequence[float] = (),
+    *,
+    decays: Sequence[float] = (),
+    gammas: Sequence[float] = (),
+    step: int | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_bytes: int = 32 << 20,
+) -> list[Reconstruction]:
+    """Reconstruct several averages at once, reading each snapshot file once for all of them.
+
+    For each target, the snapshots ``(t_i, gamma_i)`` at or before ``step`` (with ``t_i > 0``)
+    are combined with EDM2's normalised least-squares coefficients ``x`` (:func:`solve`):
+    ``avg = sum_i x_i snapshot_i``. A ``decay`` target is the debiased constant-decay EMA
+    (weight ``(1-d) d**(t-s) / (1-d**t)`` on step ``s``), which equals the copy-initialised EMA
+    once ``d**t`` is negligible.
+
+    Args:
+        directory: the store written by :class:`~polyak.posthoc.PostHocEMA`.
+        sigma_rels: EDM2 relative widths, each in ``(0, 12**-0.5)``.
+        decays: constant decays per optimizer step, each in ``(0, 1)``.
+        gammas: power exponents, each ``>= 0``.
+        step: the step to reconstruct (default: the last snapshot's). Snapshots after it are
+            not used; a step between snapshots has no data after the previous one (see ``fit``).
+        rank: for a sharded store, one rank's shards; ``None`` gathers full tensors.
+        dtype: dtype of the averaged tensors (float32 or float64).
+        chunk_bytes: working memory of one step of the streamed combination.
+
+    Returns:
+        One :class:`Reconstruction` per target: ``sigma_rels``, then ``gammas``, then ``decays``.
+
+    Raises:
+        StoreError: not a store, or an inconsistent one. ChecksumError: a file is corrupt or
+            missing (named, with its step).
+
+    Example:
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> avgs = reconstruct_many(store, [0.05, 0.1, 0.2], decays=[0.97])
+        >>> [a.label for a in avgs]
+        ['sigma_rel=0.05', 'sigma_rel=0.1', 'sigma_rel=0.2', 'decay=0.97']
+        >>> all(a.fit < 0.1 for a in avgs)
+        True
+
+    References:
+        Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+        CVPR 2024, Sec. 3.2.
+    """
+    targets = targets_from(sigma_rels, gammas, decays)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    path, ranks = open_store(directory, rank)
+    parts = []
+    for r in ranks:
+        at, files, solutions = solutions_for(path, r.manifest, step, targets)
+        weights = np.stack([s.coefficients for s in solutions])
+        tensors = combine(files, weights, _averaged(r.manifest), len(files) - 1, dtype, chunk_bytes)
+        parts.append(
+            [
+                _wrap(o, s.target.label, at, s, files, s.coefficients, r)
+                for o, s in zip(tensors, solutions)
+            ]
+        )
+    return parts[0] if len(parts) == 1 else _assemble(parts, ranks)
+
+
+def _wrap(
+    tensors: dict[str, torch.Tensor],
+    label: str,
+    step: int,
+    solution: Solution | None,
+    files: list[store.SnapshotFile],
+    coefficients: np.ndarray,
+    r: RankStore,
+) -> Reconstruction:
+    out = Reconstruction((n, tensors[n]) for n in r.manifest["tensors"])
+    shards = {n: i["shard"] for n, i in r.manifest["tensors"].items() if i.get("shard")}
+    out.__dict__.update(
+        label=label,
+        step=step,
+        solution=solution,
+        sources=[(f.step, f.key) for f in files],
+        coefficients=coefficients,
+        rank=r.rank,
+        shards=shards or None,
+    )
+    return out
+
+
+def reconstruct(
+    directory: str | Path,
+    sigma_rel: float | None = None,
+    *,
+    decay: float | None = None,
+    gamma: float | None = None,
+    step: int | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Reconstruction:
+    """Reconstruct one average (exactly one of ``sigma_rel``, ``decay``, ``gamma``).
+
+    See :func:`reconstruct_many` (which reads the snapshots once for many targets).
+
+    Example:
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
+        >>> for step in range(100):  # after each optimizer step
+        ...     ph.update()
+        >>> ph.close()  # waits for the last write
+        >>> avg = polyak.posthoc.reconstruct(store, sigma_rel=0.08, step=50)
+        >>> avg.step, max(step for step, _ in avg.sources)
+        (50, 50)
+    """
+    Target.make(sigma_rel, gamma=gamma, decay=decay)  # exactly one, valid
+    return reconstruct_many(
+        directory,
+        [] if sigma_rel is None else [sigma_rel],
+        decays=[] if decay is None else [decay],
+        gammas=[] if gamma is None else [gamma],
+        step=step,
+        rank=rank,
+        dtype=dtype,
+    )[0]
+
+
+def window_average(
+    directory: str | Path,
+    k: int,
+    *,
+    step: int | None = None,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Reconstruction:
+    """LAWA: the plain mean of the last ``k`` live snapshots at or before ``step``.
+
+    ``avg = (1/k) sum_{j=1..k} theta(s_j)`` over the ``k`` latest snapshot steps ``s_j``
+    (Kaddour, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training with Latest
+    Weight Averaging", 2022; Sanyal et al. 2023). Needs a store written with
+    ``PostHocEMA(..., keep_live=True)``.
+
+    Example:
+        >>> import tempfile, torch, polyak
+        >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
+        >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10, keep_live=True)
+        >>> for step in range(100):
+        ...     ph.update()
+        >>> ph.close()
+        >>> lawa = polyak.posthoc.window_average(store, k=5)
+        >>> lawa.label, [step for step, _ in lawa.sources]
+        ('window=5', [60, 70, 80, 90, 100])
+    """
+    k = integer("k", k, 1)
+    path, ranks = open_store(directory, rank)
+    parts = []
+    for r in ranks:
+        at, _, snaps = _until(r.manifest, step)
+        files, _ = _sources(path, r.manifest, snaps, ["live"])
+        if len(files) < k:
+            raise ValueError(
+                f"{path}: window of k={k} live snapshots at step {at}, but the store has "
+                f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
+            )
+        files = files[-k:]
+        weights = np.full((1, k), 1.0 / k)
+        (tensors,) = combine(files, weights, _averaged(r.manifest), k - 1, dtype)
+        parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
+    return (parts[0] if len(parts) == 1 else _assemble(parts, ranks))[0]

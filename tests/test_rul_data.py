@@ -49,6 +49,9 @@ def test_synthetic_files_have_the_nasa_format_and_read_back_exactly(fd001):
     np.testing.assert_array_equal(data.rul, np.loadtxt(paths["RUL"]).astype(int))
     assert data.units("train") == 6 and data.units("test") == len(data.rul) == 4
     assert (data.rul >= 1).all() and (data.rul < 150).all()
+    assert data.name == "synthetic FD001 (C-MAPSS format)"  # the generator's note says so
+    (folder / "SYNTHETIC.txt").unlink()
+    assert load_cmapss(folder).name == "C-MAPSS FD001"
 
 
 def _corrupt(path, line, new):

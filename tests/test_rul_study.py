@@ -47,6 +47,7 @@ def test_the_run_writes_every_output(study, data_dir):
     assert "--seeds 2" in command and results["default_protocol"] is False
     assert results["machine"]["cpu"] and results["wall_time_s"] > 0
     ds = results["dataset"]
+    assert ds["name"] == "synthetic FD001 (C-MAPSS format)"
     assert ds["test_units"] == len(ds["test_rul"]) == 30 and len(ds["sensors"]) == 14
     assert ds["train_units"] + ds["val_units"] == 20
 
@@ -98,8 +99,9 @@ def test_claim_verdicts():
     assert claim_verdict({"mean": 0.01, "std": 0.0}, 5).startswith("no reduction")
     assert claim_verdict({"mean": -0.01, "std": 0.0}, 5).startswith("a smaller reduction")
     assert claim_verdict({"mean": -0.08, "std": 0.0}, 5).startswith("a larger reduction")
-    assert claim_verdict({"mean": -0.03, "std": 0.04}, 5).endswith(
-        "not distinguishable from no change over 5 seeds (standard error 2.0%)"
+    assert claim_verdict({"mean": -0.03, "std": 0.04}, 5) == (
+        "within the claimed 2–5% reduction, but within seed noise (standard error 2.0% over 5 "
+        "seeds)"
     )
 
 

@@ -61,6 +61,7 @@ SENSORS = (
 COLUMNS = ("unit", "cycle", "setting 1", "setting 2", "setting 3",
            *(f"sensor {i} ({n})" for i, n in enumerate(SENSORS, 1)))  # fmt: skip
 
+_MARKER = "SYNTHETIC.txt"  # the generator's note: these are not NASA's files
 _SOURCE = (
     'NASA\'s prognostics data repository, "Turbofan Engine Degradation Simulation Data Set" '
     "(C-MAPSS)"
@@ -85,6 +86,13 @@ class CmapssData:
     test: npt.NDArray[np.float64]
     rul: npt.NDArray[np.int64]
     directory: Path
+    synthetic: bool = False  # written by write_synthetic_cmapss (its SYNTHETIC.txt is there)
+
+    @property
+    def name(self) -> str:
+        """``"C-MAPSS FD001"``, or ``"synthetic FD001 (C-MAPSS format)"``."""
+        return f"synthetic {self.subset} (C-MAPSS format)" if self.synthetic else (
+            f"C-MAPSS {self.subset}")  # fmt: skip
 
     def units(self, split: str) -> int:
         """Number of units in ``"train"`` or ``"test"``."""
@@ -234,7 +242,7 @@ def load_cmapss(data_dir: str | os.PathLike[str], subset: str = "FD001") -> Cmap
             f"{paths['RUL']} holds {len(rul)} values but {paths['test']} has {units} units; "
             "line i of the RUL file is the remaining useful life of test unit i"
         )
-    return CmapssData(subset, train, test, rul, directory)
+    return CmapssData(subset, train, test, rul, directory, (directory / _MARKER).is_file())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +304,8 @@ def write_synthetic_cmapss(
     noise; six stay constant within a condition and one flickers between two printed values
     (as sensors 1, 5, 6, 10, 16, 18 and 19 do in FD001). Test engines are cut off 1 to 149
     cycles before failure (so short lives give test units shorter than 30 cycles); the RUL file
-    holds the cycles they had left.
+    holds the cycles they had left. A ``SYNTHETIC.txt`` note beside them makes
+    :func:`load_cmapss` (and every report) call the data synthetic.
 
     Returns:
         ``{"train": path, "test": path, "RUL": path}``.
@@ -335,4 +344,8 @@ def write_synthetic_cmapss(
     _write(paths["train"], tables["train"])
     _write(paths["test"], tables["test"])
     paths["RUL"].write_text("".join(f"{r} \n" for r in remaining))
+    (out / _MARKER).write_text(
+        "The *_FD00k.txt files here are synthetic engines in NASA's C-MAPSS format, written by "
+        f"polyak.study.cmapss.write_synthetic_cmapss (seed {seed}); they are not NASA's data.\n"
+    )
     return paths

@@ -47,6 +47,7 @@ class RulData:
     uncapped, for test: one window per test unit, its last)."""
 
     subset: str
+    name: str  # "C-MAPSS FD001", or "synthetic FD001 (C-MAPSS format)"
     sensors: tuple[str, ...]  # kept, e.g. "s2 (T24)"
     dropped: tuple[str, ...]
     conditions: int
@@ -213,6 +214,7 @@ def prepare_rul(
     x_test = np.stack([windows(x[-window:], window)[0] for x in test_units]).astype(np.float32)
     return RulData(
         subset=raw.subset,
+        name=raw.name,
         sensors=tuple(n for n, d in zip(names, drop) if not d),
         dropped=tuple(n for n, d in zip(names, drop) if d),
         conditions=CONDITIONS[raw.subset],
@@ -227,5 +229,5 @@ def prepare_rul(
         train_units=tuple(train_ids),
         val_units=tuple(val_ids),
         padded_test_units=sum(len(x) < window for x in test_units),
-        source=f"C-MAPSS {raw.subset} files in {raw.directory}",
+        source=f"{raw.name} files in {raw.directory}",
     )

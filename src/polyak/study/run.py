@@ -71,7 +71,7 @@ def prepare_study(config: StudyConfig) -> StudyPlan:
         rul = prepare_rul(load_cmapss(cfg.data_dir, cfg.subset), val_fraction=cfg.val_fraction)
         check_output_dir(cfg.out, "--out")
         message = (
-            f"Using C-MAPSS {rul.subset} from {cfg.data_dir}: {len(rul.train_units)} training "
+            f"Using {rul.name} from {cfg.data_dir}: {len(rul.train_units)} training "
             f"and {len(rul.val_units)} validation units, {len(rul.y_test)} test units; "
             f"{len(rul.sensors)} of 21 sensors kept."
         )
@@ -253,7 +253,7 @@ def _run_rul(plan: StudyPlan, data: RulData) -> dict[str, Any]:
     results: dict[str, Any] = {
         **_header(plan),
         "default_protocol": False,
-        "dataset": {"name": f"C-MAPSS {data.subset}", "source": data.source,
+        "dataset": {"name": data.name, "source": data.source,
                     "message": plan.message, "sensors": list(data.sensors),
                     "dropped": list(data.dropped), "conditions": data.conditions,
                     "window": data.window, "cap": data.cap,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from polyak.study.report import provenance
 from polyak.study.rul import LIVE
 
 __all__ = ["claim_verdict", "rul_findings", "rul_table", "write_rul_outputs"]
@@ -132,8 +133,8 @@ def _predictions(plt: Any, results: dict[str, Any], path: Path) -> None:
         ax.plot(x, np.asarray(c["predictions"])[order], marker, ms=4, ls="none",
                 label=f"{name} (epoch {c['epoch']}): RMSE {c['test_rmse']:.1f}")  # fmt: skip
     ax.set(xlabel="test unit, sorted by true RUL", ylabel="remaining useful life (cycles)",
-           title=f"{ds['name']} test units: predicted vs true RUL (seed {run['seed']}, epochs "
-                 "chosen on validation)")  # fmt: skip
+           title=f"{ds['name']} test units: predicted vs true RUL\n(seed {run['seed']}, "
+                 "each at its epoch chosen on the validation units)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
@@ -168,7 +169,7 @@ def _per_epoch(plt: Any, results: dict[str, Any], path: Path) -> None:
     axes[0].set_ylim(top=top)  # the constant average starts from the initial weights, far above
     axes[1].legend(loc="upper right", fontsize="small", title="▼ epoch chosen on validation")
     name = results["dataset"]["name"]
-    fig.suptitle(f"{name}: RMSE per epoch, live vs averaged weights (mean over the "
+    fig.suptitle(f"{name}: RMSE per epoch, live vs averaged weights\n(mean over the "
                  f"{len(runs)} seeds still training; y-axis cut at {top:.0f})")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
@@ -186,7 +187,7 @@ def write_rul_outputs(results: dict[str, Any], out: Path) -> list[str]:
     plots = ["predictions.png", "rmse_per_epoch.png"]
     _predictions(plt, results, out / plots[0])
     _per_epoch(plt, results, out / plots[1])
-    cfg, m, ds = results["config"], results["machine"], results["dataset"]
+    cfg, ds = results["config"], results["dataset"]
     lines = [
         "# Remaining useful life (C-MAPSS): live vs averaged weights",
         "",
@@ -196,10 +197,7 @@ def write_rul_outputs(results: dict[str, Any], out: Path) -> list[str]:
         f"all went {cfg['patience']} epochs without improving), seeds {cfg['first_seed']}–"
         f"{cfg['first_seed'] + cfg['seeds'] - 1}. Averages: constant decay 0.999 per step (the "
         "course's), warm-up to 0.999, power σ_rel 0.10.  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {results['versions']['torch']}; "
-        f"{cfg['workers']} worker processes of {cfg['threads']} thread(s). Wall time: "
-        f"{results['wall_time_s']:.0f} s.  ",
-        f"Reproduce with `{results['command']}`.",
+        *provenance(results),
         "",
         "## Findings",
         "",

@@ -3,6 +3,7 @@ validation units, the summary, the report and the command line's one-line errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from polyak.cli import main
 from polyak.study.cmapss import load_cmapss, write_synthetic_cmapss
 from polyak.study.config import StudyConfig
-from polyak.study.rul import COURSE, LIVE, summarise_rul
+from polyak.study.rul import COURSE, LIVE, summarise_rul, train_rul_seed
 from polyak.study.rul_prep import prepare_rul
 from polyak.study.rul_report import claim_verdict
 
@@ -181,3 +182,13 @@ def test_rul_defaults_keep_what_is_given():
     assert StudyConfig().resolved() == StudyConfig(task="default").resolved()
     assert StudyConfig(quick=True, epochs=15, given=("epochs",)).resolved().epochs == 15
     assert StudyConfig(quick=True).resolved().epochs == 12
+
+
+def test_a_diverged_run_is_reported_not_a_crash(data_dir):
+    """Non-finite inputs make every candidate's RMSE NaN: the run still ends with a record."""
+    data = prepare_rul(load_cmapss(data_dir))
+    bad = dataclasses.replace(data, x_train=np.full_like(data.x_train, np.nan))
+    with pytest.warns(UserWarning, match="holds inf/nan"):
+        run = train_rul_seed(bad, 0, epochs=3, batch_size=256, lr=1e-3, patience=1)
+    assert run["epochs_run"] == 1  # no candidate ever improved
+    assert all(np.isnan(c["test_rmse"]) and c["epoch"] == 1 for c in run["chosen"].values())

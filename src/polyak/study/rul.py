@@ -118,7 +118,7 @@ def train_rul_seed(
     x_test = _tensors(data.x_test, data.y_test, cap).tensors[0]
 
     def rmse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-        return metrics.rmse(outputs * cap, targets * cap)
+        return _rmse(outputs.double().numpy() * cap, targets.double().numpy() * cap)
 
     labels = {LIVE: LIVE, **{n: f"ema[{n}]" for n in ema.names}}  # train_with_ema's names
     curves: dict[str, dict[str, list[float]]] = {c: {"val_rmse": [], "test_rmse": []}
@@ -147,26 +147,33 @@ def train_rul_seed(
                 with ema.swapped(model, name=c):
                     pred = predict()
             predictions[c].append(pred)
-            curves[c]["test_rmse"].append(metrics.rmse(pred, data.y_test))
+            curves[c]["test_rmse"].append(_rmse(pred, data.y_test))
         if all(stopper.epoch - b.epoch >= patience for b in stopper.best_by_candidate.values()):
             break
     seconds = time.perf_counter() - start
     best = stopper.best_by_candidate
     chosen = {}
     for c, label in labels.items():
-        epoch = best[label].epoch
+        # a candidate that never scored a finite RMSE (diverged) is reported at its last epoch
+        epoch = best[label].epoch if label in best else len(predictions[c])
         pred = predictions[c][epoch - 1]
         chosen[c] = {
             "epoch": epoch,
-            "val_rmse": best[label].value,
-            "test_rmse": metrics.rmse(pred, data.y_test),
-            "test_rmse_capped": metrics.rmse(pred, np.minimum(data.y_test, cap)),
+            "val_rmse": curves[c]["val_rmse"][epoch - 1],
+            "test_rmse": _rmse(pred, data.y_test),
+            "test_rmse_capped": _rmse(pred, np.minimum(data.y_test, cap)),
             "score": phm08_score(pred, data.y_test),
             "predictions": pred.tolist(),
         }
     epochs_run = len(curves[LIVE]["val_rmse"])
     return {"seed": seed, "epochs_run": epochs_run, "seconds_per_epoch": seconds / epochs_run,
             "curves": curves, "chosen": chosen}  # fmt: skip
+
+
+def _rmse(pred: npt.NDArray[np.float64], true: npt.NDArray[Any]) -> float:
+    """:func:`polyak.metrics.rmse`, NaN for non-finite predictions (a diverged run), which
+    :class:`polyak.EarlyStopping` never takes as an improvement."""
+    return metrics.rmse(pred, true) if np.isfinite(pred).all() else float("nan")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

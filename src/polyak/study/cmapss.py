@@ -91,8 +91,9 @@ class CmapssData:
     @property
     def name(self) -> str:
         """``"C-MAPSS FD001"``, or ``"synthetic FD001 (C-MAPSS format)"``."""
-        return f"synthetic {self.subset} (C-MAPSS format)" if self.synthetic else (
-            f"C-MAPSS {self.subset}")  # fmt: skip
+        if self.synthetic:
+            return f"synthetic {self.subset} (C-MAPSS format)"
+        return f"C-MAPSS {self.subset}"
 
     def units(self, split: str) -> int:
         """Number of units in ``"train"`` or ``"test"``."""

@@ -50,3 +50,10 @@ def fits(rank: int, world: int, port: int, out: str) -> None:
     cb, _ = run(fsdp(), 2, ckpt_path=root / "fsdp" / "epoch=0.ckpt", shard=True)
     res["fsdp_resumed"] = cb.ema.full_state_dict()
     torch.save(res, root / f"rank{rank}.pt")
+    # leave the process group together: a rank exiting while the other still talks to it can
+    # abort in gloo's threads (seen once on a loaded machine)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -7,18 +7,27 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DATASETS", "StudyConfig", "add_arguments", "config_from_args"]
+__all__ = ["DATASETS", "TASKS", "StudyConfig", "add_arguments", "config_from_args"]
 
 DATASETS = ("auto", "fashion-mnist", "digits")
 """Classification sets the study trains on (``auto``: Fashion-MNIST if installed, else digits)."""
+TASKS = ("default", "rul")
+"""``default``: classification with label noise and the diabetes regression; ``rul``: remaining
+useful life on the user's NASA C-MAPSS files (:mod:`polyak.study.rul`)."""
 
 # Fields that define the protocol the goals were set for (the rest only say where and how fast).
 _PROTOCOL = (
-    "train_size", "test_size", "val_fraction", "model", "epochs", "seeds", "noise",
+    "task", "train_size", "test_size", "val_fraction", "model", "epochs", "seeds", "noise",
     "batch_size", "lr", "momentum", "weight_decay", "decays", "average", "ece_bins",
     "regression", "regression_splits", "quick",
 )  # fmt: skip
 _QUICK = {"dataset": "digits", "epochs": 12, "seeds": 2, "regression_splits": 3}
+# --task rul: its own defaults for the fields left at theirs; the fields it has no use for
+_RUL = {"epochs": 60, "seeds": 5, "batch_size": 256, "lr": 1e-3, "val_fraction": 0.2}
+_RUL_QUICK = {"epochs": 8, "seeds": 2, "patience": 3}
+_NOT_RUL = ("dataset", "train_size", "test_size", "model", "noise", "momentum", "weight_decay",
+            "decays", "average", "ece_bins", "regression", "regression_splits")  # fmt: skip
+_ONLY_RUL = ("subset", "patience")
 
 
 @dataclass
@@ -27,9 +36,25 @@ class StudyConfig:
 
     The defaults are the protocol of the README's showcase: Fashion-MNIST (10k train / 5k test),
     a BatchNorm MLP, SGD with Nesterov momentum and a cosine learning rate, 15 epochs, 3 seeds,
-    0% and 40% symmetric label noise, and three averages of the weights.
+    0% and 40% symmetric label noise, and three averages of the weights. ``task="rul"`` runs
+    remaining-useful-life regression on C-MAPSS files instead, with its own defaults.
     """
 
+    task: str = field(
+        default="default",
+        metadata={"help": "default (label noise on Fashion-MNIST/digits, diabetes regression) | "
+                  "rul (remaining useful life on NASA's C-MAPSS files in --data-dir; its own "
+                  "defaults: --epochs 60 --seeds 5 --batch-size 256 --lr 0.001 "
+                  "--val-fraction 0.2)"},
+    )  # fmt: skip
+    subset: str = field(
+        default="FD001", metadata={"help": "C-MAPSS subset FD001 .. FD004 (--task rul)"}
+    )
+    patience: int = field(
+        default=10,
+        metadata={"help": "--task rul: stop once every candidate (live weights, each average) "
+                  "went this many epochs without a better validation RMSE"},
+    )  # fmt: skip
     dataset: str = field(
         default="auto",
         metadata={
@@ -38,12 +63,17 @@ class StudyConfig:
     )
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "directory of the Fashion-MNIST IDX files (implies fashion-mnist)"},
-    )
+        metadata={"help": "directory of the Fashion-MNIST IDX files (implies fashion-mnist); "
+                  "with --task rul, of the C-MAPSS text files"},
+    )  # fmt: skip
     train_size: int = field(default=10_000, metadata={"help": "training images (Fashion-MNIST)"})
     test_size: int = field(default=5_000, metadata={"help": "test images (Fashion-MNIST)"})
     val_fraction: float = field(
-        default=0.1, metadata={"help": "share of the training set held out to pick the best epoch"}
+        default=0.1,
+        metadata={
+            "help": "share of the training set held out to pick the best epoch (--task "
+            "rul: of the training units)"
+        },
     )
     model: str = field(default="mlp", metadata={"help": "mlp (BN-MLP 256-256) | cnn"})
     epochs: int = field(default=15, metadata={"help": "training epochs"})
@@ -81,20 +111,34 @@ class StudyConfig:
     workers: int = field(default=2, metadata={"help": "parallel training processes"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads per process"})
     progress: bool = field(default=True, metadata={"help": "show progress on stderr"})
+    given: tuple[str, ...] = field(default=(), metadata={"cli": False})
+    """Fields set on purpose: ``--quick`` and ``--task rul`` keep them even when they equal the
+    study's default (the command line fills this in; a field differing from it counts anyway)."""
+
+    def _left(self, name: str) -> bool:
+        """Field ``name`` was neither given nor changed from the study's default."""
+        return name not in self.given and getattr(self, name) == getattr(StudyConfig(), name)
 
     def resolved(self) -> StudyConfig:
-        """A validated copy, with ``--quick`` applied to the fields left at their defaults.
+        """A validated copy, with ``--quick`` (and ``--task rul``) applied to the fields left at
+        their defaults.
 
         Raises:
             ValueError: a value out of range or an unknown name; the message names the flag.
         """
         cfg = dataclasses.replace(self)
-        default = StudyConfig()
+        if cfg.task not in TASKS:
+            raise ValueError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+        if cfg.task == "rul":
+            return _resolved_rul(cfg)
+        for name in _ONLY_RUL:
+            if not cfg._left(name):
+                raise ValueError(f"--{name} is for --task rul")
         if cfg.quick:
             for name, value in _QUICK.items():
                 if name == "dataset" and cfg.data_dir is not None:
                     continue  # an explicit directory asks for Fashion-MNIST (below)
-                if getattr(cfg, name) == getattr(default, name):
+                if cfg._left(name):
                     setattr(cfg, name, value)
         cfg.dataset = str(cfg.dataset).strip().lower().replace("_", "-")
         if cfg.dataset == "diabetes":
@@ -115,19 +159,11 @@ class StudyConfig:
                 f"unknown average {cfg.average!r}; choose from debiased, warmup, constant"
             )
         names = ("epochs", "seeds", "batch_size", "ece_bins", "regression_splits", "workers")
-        for name in (*names, "threads", "train_size", "test_size"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}"
-                )
-        if cfg.first_seed < 0:
-            raise ValueError(f"--first-seed must be >= 0, got {cfg.first_seed}")
-        if not 0.0 < cfg.val_fraction < 0.5:
-            raise ValueError(f"--val-fraction must be in (0, 0.5), got {cfg.val_fraction}")
-        if not cfg.lr > 0 or not 0 <= cfg.momentum < 1 or not cfg.weight_decay >= 0:
+        _check_common(cfg, (*names, "threads", "train_size", "test_size"))
+        if not 0 <= cfg.momentum < 1 or not cfg.weight_decay >= 0:
             raise ValueError(
-                f"need --lr > 0, 0 <= --momentum < 1 and --weight-decay >= 0; got {cfg.lr}, "
-                f"{cfg.momentum}, {cfg.weight_decay}"
+                f"need 0 <= --momentum < 1 and --weight-decay >= 0; got {cfg.momentum}, "
+                f"{cfg.weight_decay}"
             )
         for flag, values, lo, hi in (
             ("decays", cfg.decays, 0.0, 1.0),
@@ -150,34 +186,65 @@ class StudyConfig:
         )
 
 
+def _check_common(cfg: StudyConfig, counts: tuple[str, ...]) -> None:
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.first_seed < 0:
+        raise ValueError(f"--first-seed must be >= 0, got {cfg.first_seed}")
+    if not 0.0 < cfg.val_fraction < 0.5:
+        raise ValueError(f"--val-fraction must be in (0, 0.5), got {cfg.val_fraction}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+
+
+def _resolved_rul(cfg: StudyConfig) -> StudyConfig:
+    """``--task rul``: its defaults (and ``--quick``'s) for the fields left at theirs; a field
+    it has no use for, or a missing ``--data-dir``, is an error."""
+    from polyak.study.cmapss import SUBSETS, files_hint
+
+    for name in _NOT_RUL:
+        if not cfg._left(name):
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --task rul")
+    for name, value in {**_RUL, **(_RUL_QUICK if cfg.quick else {})}.items():
+        if cfg._left(name):
+            setattr(cfg, name, value)
+    cfg.subset = str(cfg.subset).strip().upper()
+    if cfg.subset not in SUBSETS:
+        raise ValueError(f"unknown --subset {cfg.subset!r}; choose from {', '.join(SUBSETS)}")
+    if cfg.data_dir is None:
+        raise ValueError(f"--task rul needs --data-dir DIR: {files_hint(cfg.subset)}")
+    _check_common(cfg, ("epochs", "seeds", "batch_size", "patience", "workers", "threads"))
+    return cfg
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per :class:`StudyConfig` field."""
+    """Add one ``--flag`` per :class:`StudyConfig` field. A flag not given is left out of the
+    parsed arguments (the dataclass holds the defaults), so that :func:`config_from_args` knows
+    which were given."""
     for f in dataclasses.fields(StudyConfig):
+        if not f.metadata.get("cli", True):
+            continue
         flag = "--" + f.name.replace("_", "-")
         default: Any = f.default
         helptext = f.metadata.get("help", "")
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS}
         if f.type in ("bool", bool):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=helptext
-            )
+            kw["action"] = argparse.BooleanOptionalAction
         elif str(f.type).startswith("tuple"):
-            parser.add_argument(
-                flag,
-                type=float,
-                nargs="+",
-                default=list(default),
-                help=f"{helptext} (default: {' '.join(map(str, default))})",
-            )
+            kw.update(type=float, nargs="+")
+            default = " ".join(map(str, default))
         else:
-            kind: Any = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            parser.add_argument(
-                flag, type=kind, default=default, help=f"{helptext} (default: {default})"
-            )
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        parser.add_argument(flag, help=f"{helptext} (default: {default})", **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    """The :class:`StudyConfig` of parsed arguments (see :func:`add_arguments`)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)}
+    """The :class:`StudyConfig` of parsed arguments (see :func:`add_arguments`); the flags given
+    are recorded in :attr:`StudyConfig.given`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig)
+              if hasattr(args, f.name)}  # fmt: skip
     for name in ("noise", "decays"):
-        values[name] = tuple(values[name])
-    return StudyConfig(**values)
+        if name in values:
+            values[name] = tuple(values[name])
+    return StudyConfig(**values, given=tuple(values))

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["findings", "format_table", "targets", "write_report"]
+__all__ = ["findings", "format_table", "provenance", "targets", "write_report"]
 
 COLUMNS = (
     ("final acc", "acc", 100, "max"),
@@ -193,10 +193,21 @@ def _goals(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def provenance(results: dict[str, Any]) -> list[str]:
+    """The report lines saying where and how it ran, and the command that reproduces it."""
+    cfg, m = results["config"], results["machine"]
+    return [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {results['versions']['torch']}; "
+        f"{cfg['workers']} worker processes of {cfg['threads']} thread(s). "
+        f"Wall time: {results['wall_time_s']:.0f} s.  ",
+        f"Reproduce with `{results['command']}`.",
+    ]
+
+
 def write_report(results: dict[str, Any], plots: list[str], out: Path) -> Path:
     """``report.md``: the protocol, the method, the findings, the goals, the tables, the plots
     and the caveats."""
-    cfg, ds, m = results["config"], results["dataset"], results["machine"]
+    cfg, ds = results["config"], results["dataset"]
     lines = [
         "# What averaging the weights bought",
         "",
@@ -207,10 +218,7 @@ def write_report(results: dict[str, Any], plots: list[str], out: Path) -> Path:
         f"{cfg['first_seed'] + cfg['seeds'] - 1}, label noise "
         f"{', '.join(f'{n:.0%}' for n in cfg['noise'])}. Averages: "
         f"{', '.join(str(d) for d in cfg['decays'])} per step ({cfg['average']}).  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {results['versions']['torch']}; "
-        f"{cfg['workers']} worker processes of {cfg['threads']} thread(s). "
-        f"Wall time: {results['wall_time_s']:.0f} s.  ",
-        f"Reproduce with `{results['command']}`.",
+        *provenance(results),
         "",
         METHOD,
         "## Findings",

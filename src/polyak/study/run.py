@@ -2,8 +2,10 @@
 
 Trains a small network several times per label-noise level, keeping three averages of the
 weights, and compares them with the live weights: final and best-epoch accuracy, NLL, ECE,
-memorisation of noisy labels and agreement between seeds; plus a regression task. Writes
-``results.json``, PNG plots and ``report.md`` to ``--out`` and prints a table.
+memorisation of noisy labels and agreement between seeds; plus a regression task. With
+``--task rul``, remaining useful life on the user's C-MAPSS files instead
+(:mod:`polyak.study.rul`). Writes ``results.json``, PNG plots and ``report.md`` to ``--out`` and
+prints a table.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ import torch
 import polyak
 from polyak.bench.report import check_output_dir, machine
 from polyak.study.classify import LIVE, make_split, train_run
+from polyak.study.cmapss import load_cmapss
 from polyak.study.config import StudyConfig
 from polyak.study.data import Dataset, resolve_dataset
 from polyak.study.plots import write_plots
 from polyak.study.regression import SETTINGS, regression_case, summarise_regression
 from polyak.study.report import findings, format_table, targets, write_report
+from polyak.study.rul import summarise_rul, train_rul_seed
+from polyak.study.rul_prep import RulData, prepare_rul
+from polyak.study.rul_report import rul_findings, rul_table, write_rul_outputs
 from polyak.study.summary import summarise_noise_level
 from polyak.workflows.progress import Progress
 
@@ -44,7 +50,7 @@ class StudyPlan:
 
     requested: StudyConfig  # as given (for the "reproduce with" command)
     config: StudyConfig  # resolved
-    data: Dataset
+    data: Dataset | RulData
     message: str  # which data was used, for the user
     out: Path
     started: float  # time.perf_counter() when preparing began: the wall time counts it
@@ -60,6 +66,16 @@ def prepare_study(config: StudyConfig) -> StudyPlan:
     """
     started = time.perf_counter()
     cfg = config.resolved()
+    if cfg.task == "rul":
+        assert cfg.data_dir is not None  # resolved() demands it
+        rul = prepare_rul(load_cmapss(cfg.data_dir, cfg.subset), val_fraction=cfg.val_fraction)
+        check_output_dir(cfg.out, "--out")
+        message = (
+            f"Using {rul.name} from {cfg.data_dir}: {len(rul.train_units)} training "
+            f"and {len(rul.val_units)} validation units, {len(rul.y_test)} test units; "
+            f"{len(rul.sensors)} of 21 sensors kept."
+        )
+        return StudyPlan(config, cfg, rul, message, Path(cfg.out), started)
     kw: dict[str, Any] = {"seed": 0}
     if cfg.dataset in ("auto", "fashion-mnist"):
         kw.update(train_size=cfg.train_size, test_size=cfg.test_size)
@@ -73,7 +89,7 @@ def _command(cfg: StudyConfig) -> str:
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value != getattr(defaults, f.name):
+        if f.name != "given" and (f.name in cfg.given or value != getattr(defaults, f.name)):
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
                 flags.append(flag if value else "--no-" + flag[2:])
@@ -106,6 +122,11 @@ def _job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, float]:
     if job[0] == "cls":
         _, noise, seed = job
         result: Any = train_run(cfg, _SHARED["splits"][noise], seed)
+    elif job[0] == "rul":
+        result = train_rul_seed(
+            _SHARED["rul"], job[1], epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            patience=cfg.patience,
+        )  # fmt: skip
     else:
         _, name, split = job
         result = regression_case(name, split, cfg.quick)
@@ -135,6 +156,8 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
     cfg, data, message, out = plan.config, plan.data, plan.message, plan.out
     torch.set_num_threads(cfg.threads)
     print(message, file=sys.stderr)
+    if isinstance(data, RulData):
+        return _run_rul(plan, data)
     tty = cfg.progress and sys.stderr.isatty()
     reg_units = len(SETTINGS) * cfg.regression_splits if cfg.regression else 0
     progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units, "study",
@@ -173,14 +196,10 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         regression = summarise_regression(rows, cfg.quick)
 
     results: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg),
-        "command": _command(plan.requested),
+        **_header(plan),
         "default_protocol": cfg.is_default_protocol() and data.name == "fashion-mnist",
         "dataset": {"name": data.name, "source": data.source, "message": message,
                     "train": len(data.x_train), "test": len(data.x_test)},
-        "versions": {"polyak": polyak.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
-        "machine": machine(),
         "classification": {
             "summary": summary,
             "runs": {n: [{k: v for k, v in r.items() if k not in ("predictions", "probabilities")}
@@ -200,4 +219,55 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         met = [ok for *_, ok in targets(results)]
         graded = f"; goals of the default protocol met: {sum(met)} of {len(met)}"
     print(f"\nwall time {results['wall_time_s']:.0f} s{graded}; report: {out / 'report.md'}")
+    return results
+
+
+def _header(plan: StudyPlan) -> dict[str, Any]:
+    """What every ``results.json`` starts with: the settings, the command, versions, machine."""
+    return {
+        "config": dataclasses.asdict(plan.config),
+        "command": _command(plan.requested),
+        "versions": {"polyak": polyak.__version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "machine": machine(),
+    }  # fmt: skip
+
+
+def _run_rul(plan: StudyPlan, data: RulData) -> dict[str, Any]:
+    """``--task rul``: one job per seed, then the summary, the files and the printed lines."""
+    cfg, out = plan.config, plan.out
+    tty = cfg.progress and sys.stderr.isatty()
+    progress = Progress(cfg.seeds, "study rul", enabled=tty)
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    _SHARED.update(cfg=cfg, rul=data)
+    done: dict[int, dict[str, Any]] = {}
+    for job, result, seconds in _execute([("rul", seed) for seed in seeds], cfg.workers):
+        done[job[1]] = result
+        progress.update(1)
+        if cfg.progress and not tty:
+            rmse = {c: f"{v['test_rmse']:.2f}" for c, v in result["chosen"].items()}
+            print(f"seed {job[1]}: {seconds:.1f}s, {result['epochs_run']} epochs, test RMSE "
+                  f"{rmse}", file=sys.stderr, flush=True)  # fmt: skip
+    progress.close()
+    runs = [done[seed] for seed in seeds]
+    results: dict[str, Any] = {
+        **_header(plan),
+        "default_protocol": False,
+        "dataset": {"name": data.name, "source": data.source,
+                    "message": plan.message, "sensors": list(data.sensors),
+                    "dropped": list(data.dropped), "conditions": data.conditions,
+                    "window": data.window, "cap": data.cap,
+                    "train_units": len(data.train_units), "val_units": len(data.val_units),
+                    "test_units": len(data.y_test), "train_windows": len(data.y_train),
+                    "val_windows": len(data.y_val), "padded_test_units": data.padded_test_units,
+                    "test_rul": data.y_test.tolist()},
+        "rul": {"summary": summarise_rul(runs, data), "runs": runs},
+    }  # fmt: skip
+    results["wall_time_s"] = time.perf_counter() - plan.started
+    write_rul_outputs(results, out)
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    print(rul_table(results["rul"]["summary"]))
+    for line in rul_findings(results):
+        print(line.replace("**", "").replace("`", ""))
+    print(f"\nwall time {results['wall_time_s']:.0f} s; report: {out / 'report.md'}")
     return results

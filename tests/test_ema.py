@@ -461,3 +461,17 @@ def test_averaged_state_dict_is_the_state_dict_inside_swapped():
         for k in got:
             assert torch.equal(got[k], expected[k]), k
         assert not ema.sharded
+
+
+def test_live_tensors_and_timeline_positions():
+    model = bn_net()
+    ema = polyak.EMA(model, 0.9, update_every=2, start_step=3)
+    live = ema.live_tensors()
+    assert list(live) == ema.tensor_names
+    assert (
+        live["0.weight"] is model[0].weight
+        and live["1.num_batches_tracked"] is model[1].num_batches_tracked
+    )
+    for _ in range(5):
+        ema.update()
+    assert (ema.step, ema.last_update_step, ema.start_step) == (5, 4, 3)

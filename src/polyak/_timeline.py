@@ -228,6 +228,16 @@ class TimelineViews:
         return self._timeline.num_updates
 
     @property
+    def last_update_step(self) -> int:
+        """The optimizer step of the last update (0 before any)."""
+        return self._timeline.last_update_step
+
+    @property
+    def start_step(self) -> int:
+        """Updates at optimizer steps up to this one copy the weights (the constructor's)."""
+        return self._timeline.start_step
+
+    @property
     def last_decays(self) -> dict[str, float | None]:
         """The decay each average received at its last update (``None`` before any)."""
         return self._timeline.last_decay_by_name

@@ -375,6 +375,13 @@ class EMA(TimelineViews):
         """
         return self._bound().averages.row(self._row(name))
 
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """``{tensor name: live tensor}``: the model's tracked tensors as the averages read
+        them (the tensors themselves, not copies; under FSDP2 this rank's shards)."""
+        binding = self._bound()
+        binding.check()
+        return dict(zip((e.name for e in binding.entries), binding.lives))
+
     def nonfinite_tensors(self, name: str | None = None) -> list[str]:
         """Names of the tensors of average ``name`` that hold ``inf``/``nan`` (empty: all
         finite). One reduction over the average; syncs with the device."""

@@ -3,9 +3,9 @@ the model is still the one the plan was made for.
 
 A :class:`Binding` is made once per model and kept until the model changes: it holds the live
 tensors (the parameter and buffer objects themselves), the update groups over them
-(:mod:`polyak._torch.groups`) and a :class:`_Watch`. An update therefore does no per-tensor work
-in Python: it asks the watch whether anything changed (a flag and, with ``flat_params``, one
-counter per flat buffer) and runs the groups.
+(:mod:`polyak._torch.groups`) and a :class:`~polyak._torch.watch.Watch`. An update therefore
+does no per-tensor work in Python: it asks the watch whether anything changed (a flag and, with
+``flat_params``, one counter per flat buffer) and runs the groups.
 
 What the watch sees, at no per-update cost:
 
@@ -28,8 +28,7 @@ replaced storage that something else still holds (it is not freed). The full che
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +41,10 @@ from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
 from polyak._torch.segments import Segment
 from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
 from polyak._torch.storage import Averages
+from polyak._torch.watch import Watch, diff
 from polyak.errors import ModelChangedError, NonFiniteError
 
 __all__ = ["Binding", "Policy", "select"]
-
-_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
-_WATCHES: weakref.WeakSet[_Watch] = weakref.WeakSet()
-_HOOKS: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -91,103 +87,6 @@ def pending(entries: Sequence[Entry], lives: Sequence[torch.Tensor]) -> str | No
         if why is not None:
             return why
     return None
-
-
-def _on_registration(module: nn.Module, name: str, value: Any) -> None:
-    key = id(module)
-    for watch in list(_WATCHES):
-        if key in watch.modules:
-            watch.stale = True
-
-
-def _install_hooks() -> None:
-    if not _HOOKS:
-        from torch.nn.modules import module as m
-
-        _HOOKS.append(m.register_module_parameter_registration_hook(_on_registration))
-        _HOOKS.append(m.register_module_buffer_registration_hook(_on_registration))
-        _HOOKS.append(m.register_module_module_registration_hook(_on_registration))
-
-
-class _Watch:
-    """Says whether the model may have changed since the plan was made (module docstring)."""
-
-    def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: dict[int, Any]):
-        _install_hooks()
-        self.modules = frozenset(id(m) for m in root.modules())
-        self.stale = False
-        owned_set = set(owned)
-        self._refs: list[weakref.ref] = []
-        seen: set[int] = set()
-        for t in lives:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # no storage (a tensor subclass)
-                continue
-            ptr = storage.data_ptr()
-            if ptr in owned_set or (ptr in seen and ptr != 0):
-                continue
-            seen.add(ptr)
-            self._refs.append(weakref.ref(storage, self._fire))
-        # StorageImpl pointers (not data pointers) of the flat buffers, and their use counts
-        impls = [b.untyped_storage()._cdata for b in owned.values()]
-        self._counts = [(p, _USE_COUNT(p)) for p in impls] if _USE_COUNT is not None else []
-        self._owned_unwatched = bool(owned) and _USE_COUNT is None
-        _WATCHES.add(self)
-
-    def _fire(self, _: object) -> None:
-        self.stale = True
-
-    def changed(self) -> bool:
-        if self.stale or self._owned_unwatched:
-            return True
-        return any(_USE_COUNT(ptr) != count for ptr, count in self._counts)  # type: ignore[misc]
-
-
-def _diff(
-    old: Sequence[Entry], new: Sequence[Entry], shapes: Mapping[str, torch.Size], lives: Any
-) -> ModelChangedError | None:
-    """The structural change from the tensors ``old`` (whose averages have ``shapes``) to
-    ``new`` (with live values ``lives``), if any."""
-    before = {e.name: e for e in old}
-    after = {e.name: (e, t) for e, t in zip(new, lives)}
-    added = [n for n in after if n not in before]
-    removed = [n for n in before if n not in after]
-    replaced, resized, moded = [], [], []
-    for n in before.keys() & after.keys():
-        e0, (e1, t1) = before[n], after[n]
-        if e0.owner is not e1.owner:
-            replaced.append(n)
-        elif shapes[n] != t1.shape:
-            resized.append(n)
-        elif e0.mode != e1.mode:
-            moded.append(f"{n} ({e0.mode} -> {e1.mode})")
-    if not (added or removed or replaced or resized or moded):
-        return None
-    parts = [
-        f"{what} {items}"
-        for what, items in (
-            ("added", added),
-            ("removed", removed),
-            ("replaced by a new module", sorted(replaced)),
-            (
-                "resized",
-                [f"{n} {tuple(shapes[n])} -> {tuple(after[n][1].shape)}" for n in sorted(resized)],
-            ),
-            ("now of another kind", sorted(moded)),
-        )
-        if items
-    ]
-    return ModelChangedError(
-        "the model changed under the EMA: "
-        + "; ".join(parts)
-        + ". Call ema.rebind() to accept it (unchanged tensors keep their averages, new ones "
-        "start from their live values, removed ones are dropped), or build a new EMA",
-        added=added,
-        removed=removed,
-        replaced=sorted(replaced),
-        resized=sorted(resized),
-    )
 
 
 class Binding:
@@ -270,7 +169,7 @@ class Binding:
                 stacklevel=5,
             )
         self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
-        self.watch = _Watch(self.root, self.lives, self.owned)
+        self.watch = Watch(self.root, self.lives, self.owned)
 
     def _gate(self, device: torch.device) -> Gate:
         if device not in self._gates:
@@ -303,7 +202,7 @@ class Binding:
     def refresh(self, selection: tuple | None = None) -> None:
         """Re-read the model; follow new storages, dtypes and devices, refuse other changes."""
         root, entries, lives = selection or select(self.model, self.policy)
-        error = _diff(self.entries, entries, self.shapes(), lives)
+        error = diff(self.entries, entries, self.shapes(), lives)
         if error is not None:
             raise error
         why = pending(entries, lives)
@@ -319,7 +218,7 @@ class Binding:
         if (
             self.watch.changed()
             or any(a is not b for a, b in zip(lives, self.lives))
-            or _diff(self.entries, entries, self.shapes(), lives) is not None
+            or diff(self.entries, entries, self.shapes(), lives) is not None
         ):
             self.refresh(selection)
 

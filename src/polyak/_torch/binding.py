@@ -44,7 +44,7 @@ from polyak._torch.storage import Averages
 from polyak._torch.watch import Watch, diff
 from polyak.errors import ModelChangedError, NonFiniteError
 
-__all__ = ["Binding", "Policy", "select"]
+__all__ = ["Binding", "Policy", "bind", "kept_names", "pending", "select"]
 
 
 @dataclass(frozen=True)
@@ -302,3 +302,60 @@ class Binding:
         check_tensors(ours, dict(zip((e.name for e in entries), lives)), type(model).__name__)
         by_name = {e.name: e for e in entries}
         return root, [by_name[e.name] for e in self.entries]
+
+
+def kept_names(old: Binding, entries: Sequence[Entry], lives: Sequence[torch.Tensor]) -> list[str]:
+    """Names whose tensor ``old`` tracked with the same shape, kind and owning module."""
+    before = {e.name: e for e in old.entries}
+    shapes = old.shapes()
+    return [
+        e.name
+        for e, t in zip(entries, lives)
+        if e.name in before
+        and before[e.name].owner is e.owner
+        and before[e.name].mode == e.mode
+        and shapes[e.name] == t.shape
+    ]
+
+
+def bind(
+    model: nn.Module,
+    policy: Policy,
+    selection: tuple[nn.Module, list[Entry], list[torch.Tensor]],
+    k: int,
+    old: Binding | None,
+    owned: dict[int, torch.Tensor],
+) -> Binding:
+    """A new binding on ``model`` with ``k`` fresh averages: copies of the live weights, except
+    for tensors ``old`` tracked with the same name, shape and module, which keep their averages.
+
+    Changes nothing that exists (all or nothing for the caller, who commits the result).
+    """
+    _, entries, lives = selection
+    why = pending(entries, lives)
+    if why is not None:
+        raise ValueError(why)
+    specs = {
+        mode: [
+            (e.name, t.shape, policy.average_dtype(t) if mode == "average" else t.dtype,
+             policy.device or t.device)
+            for e, t in zip(entries, lives)
+            if e.mode == mode
+        ]
+        for mode in ("average", "copy")
+    }  # fmt: skip
+    averages = Averages([e.name for e in entries], specs["average"], specs["copy"], k)
+    kept = set() if old is None else set(kept_names(old, entries, lives))
+    before = [] if old is None else old.averages.averaged.views
+    with torch.no_grad():
+        for row, views in enumerate(averages.averaged.views):
+            for e, t in zip(entries, lives):
+                if e.mode == "average":
+                    views[e.name].copy_(before[row][e.name] if e.name in kept else t)
+        for e, t in zip(entries, lives):
+            if e.mode == "copy":
+                averages.copied.views[0][e.name].copy_(t)
+    binding = Binding(model, policy, averages, selection, owned)
+    if old is not None:
+        binding.skip_count = old.skip_count
+    return binding

@@ -22,10 +22,9 @@ from torch import nn
 from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
 from polyak._torch import state as codec
-from polyak._torch.binding import Binding, Policy, pending, select
+from polyak._torch.binding import Binding, Policy, bind, kept_names, pending, select
 from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_dtensor, reshard
-from polyak._torch.storage import Averages
 from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
 from polyak.errors import NonFiniteError
 
@@ -219,42 +218,9 @@ class EMA(TimelineViews):
         self._names = [e.name for e in selection[1]]
         self._binding: Binding | None = None
         if pending(selection[1], selection[2]) is None:
-            self._binding = self._bind(model, selection, None)
+            self._binding = bind(model, self._policy, selection, self._k, None, self._owned)
 
     # ----------------------------------------------------------------- binding
-    def _bind(self, model: nn.Module, selection: tuple, old: Binding | None) -> Binding:
-        """A new binding on ``model`` with fresh averages; tensors ``old`` tracked with the same
-        name, shape and module keep their averages. Nothing of this EMA changes here."""
-        _, entries, lives = selection
-        why = pending(entries, lives)
-        if why is not None:
-            raise ValueError(why)
-        p = self._policy
-        specs = {
-            mode: [
-                (e.name, t.shape, p.average_dtype(t) if mode == "average" else t.dtype,
-                 p.device or t.device)
-                for e, t in zip(entries, lives)
-                if e.mode == mode
-            ]
-            for mode in ("average", "copy")
-        }  # fmt: skip
-        averages = Averages([e.name for e in entries], specs["average"], specs["copy"], self._k)
-        kept = set() if old is None else set(_kept(old, entries, lives))
-        before = [] if old is None else old.averages.averaged.views
-        with torch.no_grad():
-            for k, row in enumerate(averages.averaged.views):
-                for e, t in zip(entries, lives):
-                    if e.mode == "average":
-                        row[e.name].copy_(before[k][e.name] if e.name in kept else t)
-            for e, t in zip(entries, lives):
-                if e.mode == "copy":
-                    averages.copied.views[0][e.name].copy_(t)
-        binding = Binding(model, p, averages, selection, self._owned)
-        if old is not None:
-            binding.skip_count = old.skip_count
-        return binding
-
     @property
     def _k(self) -> int:
         return len(self._timeline.names)
@@ -262,7 +228,14 @@ class EMA(TimelineViews):
     def _bound(self) -> Binding:
         """The binding, made now if the model's weights did not exist when the EMA was built."""
         if self._binding is None:
-            self._binding = self._bind(self._model, select(self._model, self._policy), None)
+            self._binding = bind(
+                self._model,
+                self._policy,
+                select(self._model, self._policy),
+                self._k,
+                None,
+                self._owned,
+            )
         return self._binding
 
     def _commit(self, model: nn.Module, binding: Binding) -> None:
@@ -275,7 +248,7 @@ class EMA(TimelineViews):
         selection = select(model, self._policy)
         check_names(self._names, [e.name for e in selection[1]], "the model passed to update()")
         if self._binding is None:
-            binding = self._bind(model, selection, None)
+            binding = bind(model, self._policy, selection, self._k, None, self._owned)
         else:
             old = {e.name: e.mode for e in self._binding.entries}
             for e in selection[1]:
@@ -303,9 +276,9 @@ class EMA(TimelineViews):
             model = self._model if model is None else model
             selection = select(model, self._policy)
             old = self._binding
-            binding = self._bind(model, selection, old)
+            binding = bind(model, self._policy, selection, self._k, old, self._owned)
             entries = selection[1]
-            kept = _kept(old, entries, selection[2]) if old is not None else []
+            kept = kept_names(old, entries, selection[2]) if old is not None else []
             report = {
                 "kept": kept,
                 "new": [e.name for e in entries if e.name not in set(kept)],
@@ -664,17 +637,3 @@ class EMA(TimelineViews):
             f"EMA(averages={list(self.names)}, tensors={len(self._names)}, step={self.step}, "
             f"dtype={self._policy.dtype}, {built})"
         )
-
-
-def _kept(old: Binding, entries: list, lives: list) -> list[str]:
-    """Names whose tensor ``old`` tracked with the same shape, kind and owning module."""
-    before = {e.name: e for e in old.entries}
-    shapes = old.shapes()
-    return [
-        e.name
-        for e, t in zip(entries, lives)
-        if e.name in before
-        and before[e.name].owner is e.owner
-        and before[e.name].mode == e.mode
-        and shapes[e.name] == t.shape
-    ]

@@ -224,22 +224,28 @@ class Binding:
 
     # ----------------------------------------------------------------- updating
     def finite(self) -> torch.Tensor:
-        """A 0-d bool tensor: every live value an update reads is finite (no host sync)."""
+        """A 0-d bool tensor: every live value an update reads is finite (no host sync).
+
+        A sum (flat spans: one kernel each) or an L2 norm (scattered tensors: one foreach) is
+        inf/nan iff a value is, or when it overflows (values beyond ~1e30, resp. ~1e15, count as
+        non-finite). On a 2-core CPU a sum of 20M floats took 0.4x the time of an L2 norm and
+        0.02x that of ``isfinite(x).all()``.
+        """
         flags = []
         for group in [*self.groups, *self.copy_groups]:
-            sources = [
-                s.source
-                for s in group.segments
-                if s.source.numel() and (s.source.is_floating_point() or s.source.is_complex())
-            ]
-            if sources:  # an L2 norm is inf/nan iff a value is (and ~10x faster than max|x|)
-                norms = torch._foreach_norm(sources, 2)
-                flags.append(torch.isfinite(torch.stack(norms)).all())
+            spans, tensors = [], []
+            for s in group.segments:
+                x = s.source
+                if x.numel() and (x.is_floating_point() or x.is_complex()):
+                    (spans if s.span else tensors).append(x)
+            flags += [x.sum() for x in spans]
+            if tensors:
+                flags.append(torch.stack(torch._foreach_norm(tensors, 2)))
         if not flags:
             return torch.ones((), dtype=torch.bool)
-        ok = flags[0]
+        ok = torch.isfinite(flags[0]).all()
         for f in flags[1:]:
-            ok = ok & f.to(ok.device, non_blocking=True)
+            ok = ok & torch.isfinite(f).all().to(ok.device, non_blocking=True)
         return ok
 
     def nonfinite_names(self) -> list[str]:

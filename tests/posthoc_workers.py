@@ -11,7 +11,9 @@ from dist_workers import net, set_weights_, sharded_net
 def fsdp_and_ddp_stores(rank: int, world: int, sharded_dir: str, replicated_dir: str, out: str):
     """FSDP2: every rank writes its shards; replicated (DDP-like): only rank 0 writes."""
     model = sharded_net()
-    ph = polyak.PostHocEMA(model, sharded_dir, snapshot_every=5, snapshot_dtype=torch.float32)
+    ph = polyak.PostHocEMA(
+        model, sharded_dir, snapshot_every=5, snapshot_dtype=torch.float32, keep_live=True
+    )
     replicated = net()
     ph_rep = polyak.PostHocEMA(replicated, replicated_dir, snapshot_every=5)
     for step in range(1, 31):

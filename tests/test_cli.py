@@ -41,15 +41,38 @@ USER_ERRORS = {
     "unknown peer": (["bench", "--peers", "timm-V4"], "unknown peer timm-V4; choose from"),
     "bad decay": (["bench", "--decay", "1.5"], "decay must be in (0, 1), got 1.5"),
     "bench out under /proc": (["bench", "--output-dir", "/proc/x"], "--output-dir /proc/x"),
+    "posthoc: not a store": (
+        ["posthoc", "/nonexistent", "--list"],
+        "/nonexistent holds no manifest",
+    ),
+    "posthoc: no target": (
+        ["posthoc", "/nonexistent", "--out", "o"],
+        "give the averages to reconstruct (--sigma-rel S ..., --decay D ...)",
+    ),
+    "posthoc: no --out": (["posthoc", "d", "--decay", "0.9"], "give the output directory: --out"),
+    "posthoc: --list with targets": (
+        ["posthoc", "d", "--list", "--sigma-rel", "0.1", "--out", "o"],
+        "--list shows the store; it takes no --sigma-rel/--decay, --out",
+    ),
+    "posthoc: --verify alone": (["posthoc", "d", "--verify"], "--verify goes with --list"),
+    "posthoc: not a number": (["posthoc", "d", "--sigma-rel", "x"], "invalid float value: 'x'"),
+    "posthoc: no directory": (["posthoc", "--list"], "the following arguments are required: DIR"),
 }
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code, _, err = run_out(argv, capsys)
+    return code, err
+
+
+def run_out(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``polyak argv``."""
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own errors
         code = int(e.code or 0)
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def assert_one_line(err: str, fragment: str) -> None:
@@ -96,14 +119,14 @@ def test_debug_shows_the_traceback(capsys):
 
 def test_help_describes_every_flag(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside names like transformer-bf16
-    for command in ("study", "bench"):
+    for command, count in (("posthoc", 7), ("study", 10), ("bench", 10)):  # bench: last
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "--debug" in text
         flags = [w for w in text.split() if w.startswith("--")]
-        assert len(flags) > 10
+        assert len(flags) > count
     for fragment in (
         "transformer-bf16",
         "timm-V3",
@@ -148,3 +171,166 @@ print("bench:", main(["bench", "--quick", "--no-save"]))
     assert lines[0].startswith("polyak study: error: torch is not installed")
     assert "Traceback" not in done.stderr
     assert not Path(tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- polyak posthoc
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A post-hoc store: 30 steps of a small model, a float32 snapshot every 10."""
+    import torch
+
+    import polyak
+    from posthoc_helpers import set_weights, small_model
+
+    directory = tmp_path_factory.mktemp("store")
+    model = small_model()
+    ph = polyak.PostHocEMA(model, directory, snapshot_every=10, snapshot_dtype=torch.float32)
+    for step in range(1, 31):
+        set_weights(model, step)
+        ph.update()
+    ph.close()
+    return directory
+
+
+POSTHOC_ERRORS = {
+    "sigma_rel out of range": (["--sigma-rel", "0.5"], "--sigma-rel 0.5: sigma_rel must be in (0,"),
+    "decay of 1": (["--decay", "1"], "--decay 1.0: decay must be in (0, 1), got 1.0"),
+    "repeated target": (["--sigma-rel", "0.1", "0.1"], "--sigma-rel values must be distinct"),
+    "step 0": (["--sigma-rel", "0.1", "--step", "0"], "--step must be >= 1, got 0"),
+    "step before the first snapshot": (
+        ["--sigma-rel", "0.1", "--step", "5"],
+        "no snapshot at or before step 5 (the first is 10)",
+    ),
+    "out under /proc": (["--sigma-rel", "0.1", "--out", "/proc/x"], "--out /proc/x: cannot create"),
+    "list with a step": (["--list", "--step", "10"], "--list shows the store; it takes no --step"),
+}
+
+
+@pytest.mark.parametrize("case", list(POSTHOC_ERRORS))
+def test_posthoc_user_errors_are_one_line_and_exit_2(case, store, capsys, tmp_path):
+    flags, fragment = POSTHOC_ERRORS[case]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in flags and "--list" not in flags else []
+    code, err = run(["posthoc", str(store), *flags, *out], capsys)
+    assert code == 2
+    assert_one_line(err, fragment)
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_posthoc_writes_one_file_per_target_and_the_profiles(store, capsys, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    import polyak
+
+    out = tmp_path / "out"
+    argv = ["posthoc", str(store), "--sigma-rel", "0.05", "0.12", "--decay", "0.9", "--out"]
+    code, err = run([*argv, str(out)], capsys)
+    assert code == 0 and err == ""
+    names = ["sigma_rel=0.05", "sigma_rel=0.12", "decay=0.9"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"{n}.safetensors" for n in names), "weight_profiles.png"]
+    )
+    expected = polyak.posthoc.reconstruct_many(store, [0.05, 0.12], decays=[0.9])
+    for name, rec in zip(names, expected):
+        with safe_open(out / f"{name}.safetensors", "pt") as f:
+            assert f.metadata()["target"] == name and f.metadata()["step"] == "30"
+            assert float(f.metadata()["fit"]) == pytest.approx(rec.fit, rel=1e-5)
+            assert sorted(f.keys()) == sorted(rec)
+            for k in rec:
+                assert torch.equal(f.get_tensor(k), rec[k]), (name, k)
+    png = (out / "weight_profiles.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # an earlier step uses the snapshots up to it; --no-plot writes the tensors only
+    code, printed, _ = run_out(
+        [*argv[:3], "0.08", "--step", "20", "--no-plot", "--out", str(tmp_path)], capsys
+    )
+    assert code == 0 and not (tmp_path / "weight_profiles.png").exists()
+    with safe_open(tmp_path / "sigma_rel=0.08.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "20"
+    assert "reconstructed at step 20" in printed
+
+
+def test_posthoc_writes_all_outputs_or_none(store, capsys, tmp_path, monkeypatch):
+    """A failure while writing the second file leaves no new file and the old outputs as
+    they were (every output is complete before any replaces an earlier one)."""
+    import safetensors.torch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sigma_rel=0.05.safetensors").write_bytes(b"an earlier output")
+    calls = []
+    original = safetensors.torch.save_file
+
+    def failing(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError, match="No space left"):  # not a user error: a traceback
+        main(["posthoc", str(store), "--sigma-rel", "0.05", "0.1", "--out", str(out)])
+    assert len(calls) == 2
+    assert [p.name for p in out.iterdir()] == ["sigma_rel=0.05.safetensors"]
+    assert (out / "sigma_rel=0.05.safetensors").read_bytes() == b"an earlier output"
+
+
+def test_posthoc_list_verify_and_a_corrupt_file(store, capsys, tmp_path):
+    import json
+    import shutil
+
+    import polyak
+
+    code, printed, err = run_out(["posthoc", str(store), "--list", "--verify"], capsys)
+    assert code == 0 and err == ""
+    assert "3 snapshot(s)" in printed and printed.count(" ok") == 3
+    broken = tmp_path / "broken"
+    shutil.copytree(store, broken)
+    snap = json.loads((broken / "manifest.json").read_text())["snapshots"][1]
+    bad = broken / snap["files"]["sigma0.1"]["name"]
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    code, printed, _ = run_out(["posthoc", str(broken), "--list", "--verify"], capsys)
+    assert code == 1 and "CRC-32" in printed
+    out = tmp_path / "out"
+    code, err = run(["posthoc", str(broken), "--sigma-rel", "0.1", "--out", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, f"snapshot file {bad} (step 20) is corrupt: CRC-32")
+    assert list(out.iterdir()) == []
+    with pytest.raises(polyak.posthoc.ChecksumError):
+        main(["posthoc", str(broken), "--sigma-rel", "0.1", "--out", str(out), "--debug"])
+
+
+def test_posthoc_warnings_are_one_line_each(tmp_path, capsys):
+    """float16 snapshots and a target far narrower than the stored averages: the magnified
+    rounding is one line on stderr, the run goes on."""
+    import torch
+
+    import polyak
+
+    model = torch.nn.Linear(3, 2)
+    ph = polyak.PostHocEMA(model, tmp_path / "s", snapshot_every=10)  # float16 files
+    for _ in range(40):
+        ph.update()
+    ph.close()
+    (tmp_path / "s" / "stray.pt").write_bytes(b"another tool's checkpoint")
+    code, err = run(
+        ["posthoc", str(tmp_path / "s"), "--sigma-rel", "0.01", "--no-plot", "--out",
+         str(tmp_path / "o")], capsys,
+    )  # fmt: skip
+    assert code == 0
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(x.startswith("polyak posthoc: warning: ") for x in lines)
+    assert any("ignoring 1 file(s)" in x and "stray.pt" in x for x in lines)
+    assert any("sigma_rel=0.01: the snapshots' coefficients add up to" in x for x in lines)
+
+
+def test_python_m_polyak_posthoc(store):
+    done = subprocess.run(
+        [sys.executable, "-m", "polyak", "posthoc", str(store), "--list"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith(f"store {store}: run ")

@@ -12,7 +12,7 @@ from pathlib import Path
 import polyak
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TOOLS = ("polyak.cli", "polyak.__main__", "polyak.bench", "polyak.study")
+TOOLS = ("polyak.cli", "polyak.__main__", "polyak.bench", "polyak.study", "polyak.posthoc_cli")
 
 
 def _modules() -> dict[str, Path]:

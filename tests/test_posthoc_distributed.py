@@ -65,6 +65,10 @@ def test_fsdp2_ranks_write_their_shards_and_one_process_gathers_them(tmp_path):
                 else value.narrow(0, shard["offset"][0], shard["local_shape"][0])
             )
             torch.testing.assert_close(part["mine"][name], piece, rtol=0, atol=1e-6)
+    # the live shards each rank read from its model, gathered: the weights of the last step
+    lawa = polyak.posthoc.window_average(sharded, 1)
+    assert list(lawa) == list(model.state_dict())
+    assert all(torch.equal(lawa[k], v) for k, v in model.state_dict().items())
     # replicated averages: rank 0 alone wrote an ordinary store
     assert sorted(p.name for p in replicated.glob("manifest*")) == ["manifest.json"]
     rep = polyak.posthoc.reconstruct(replicated, sigma_rel=0.08)

@@ -241,6 +241,21 @@ def test_resume_appends_the_same_store_and_reconstruction_as_one_run(tmp_path):
     )
 
 
+def test_keep_live_reads_the_model_at_the_snapshot_and_keeps_no_copy(tmp_path):
+    """The live file holds the model's weights of the snapshot's step, even between updates
+    (update_every=3, snapshot at step 10); the EMA holds the power averages only."""
+    model, ph = _new(tmp_path / "live", keep_live=True, update_every=3)
+    plain = polyak.PostHocEMA(small_model(), tmp_path / "plain", update_every=3)
+    assert ph.ema.names == plain.ema.names and ph.ema.nbytes == plain.ema.nbytes
+    _train(ph, model, 10)
+    ph.close()
+    (snap,) = json.loads(_manifest(tmp_path / "live"))["snapshots"]
+    assert (snap["step"], snap["t"]) == (10, 9)  # the averages' last update was at step 9
+    live = load_file(tmp_path / "live" / snap["files"]["live"]["name"])
+    assert live.keys() == model.state_dict().keys()  # copied buffers of step 10 too
+    assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())  # float32
+
+
 def test_load_state_dict_checks_everything_first(tmp_path):
     model, ph = _new(tmp_path)
     _train(ph, model, 5)

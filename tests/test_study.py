@@ -31,6 +31,7 @@ def test_quick_run_writes_every_output(quick):
         "reliability.png",
         "seed_agreement.png",
         "regression.png",
+        "posthoc.png",
     ):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
@@ -90,6 +91,8 @@ def test_report_states_findings_and_caveats(quick):
     assert "## Against the goals" in report and "Not graded" in report
     assert "| wall time |" not in report  # --quick is not held to the default protocol's goals
     assert "chosen on the validation split" in report and "not across CPUs" in report
+    assert "## Post-hoc EMA" in report and "![posthoc.png](posthoc.png)" in report
+    assert "Post-hoc EMA, label noise 40%" in report and "sit on the curve" in report
     agreement = [line.split("|")[-2] for line in report.splitlines() if line.startswith("| ema")]
     assert agreement and all("±" not in cell for cell in agreement)  # two seeds: one pair
 

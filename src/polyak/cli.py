@@ -1,10 +1,13 @@
-"""The ``polyak`` command line (also ``python -m polyak``): ``polyak study`` and ``polyak bench``.
+"""The ``polyak`` command line (also ``python -m polyak``): ``polyak study``, ``polyak bench``
+and ``polyak posthoc``.
 
-Thin shells over :func:`polyak.study.run.run_study` and :func:`polyak.bench.run_bench`; every flag
-is a field of their config dataclass. A mistake of the user (a bad value, an unknown name, a
-missing or corrupt data directory, an output directory that cannot be written, a missing
-optional dependency) is one line on stderr and exit status 2, found before any work starts;
-``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback.
+Thin shells over :func:`polyak.study.run.run_study`, :func:`polyak.bench.run_bench` (every flag
+is a field of their config dataclass) and :mod:`polyak.posthoc_cli`. A mistake of the user (a
+bad value, an unknown name, a missing or corrupt data directory or store, an output directory
+that cannot be written, a missing optional dependency) is one line on stderr and exit status 2,
+found before any work starts (a corrupt snapshot file: when it is read, before anything is
+written); ``--debug`` shows the traceback instead. Anything else is a bug and keeps its
+traceback.
 
 Example:
     >>> from polyak.cli import main
@@ -22,7 +25,7 @@ from typing import Any
 __all__ = ["main"]
 
 # optional dependency (top-level module) -> the extra that installs it
-_EXTRAS = {"torch": "torch", "sklearn": "study", "matplotlib": "study"}
+_EXTRAS = {"torch": "torch", "safetensors": "torch", "sklearn": "study", "matplotlib": "study"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     from polyak.bench.config import add_arguments as bench_arguments
+    from polyak.posthoc_cli import add_arguments as posthoc_arguments
     from polyak.study.config import add_arguments as study_arguments
 
     debug = _Parser(add_help=False)
@@ -50,11 +54,12 @@ def _parser() -> _Parser:
     )
     parser = _Parser(
         prog="polyak",
-        description="Weight averaging for neural networks: the study of what it buys, and "
-        "the benchmark of the update against its peers.",
+        description="Weight averaging for neural networks: the study of what it buys, the "
+        "benchmark of the update against its peers, and averages reconstructed after training "
+        "from a post-hoc EMA store.",
         parents=[debug],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{study,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{study,bench,posthoc}")
     study = sub.add_parser(
         "study",
         parents=[debug],
@@ -78,6 +83,17 @@ def _parser() -> _Parser:
         "minutes; --quick is a smoke run.",
     )
     bench_arguments(bench)
+    posthoc = sub.add_parser(
+        "posthoc",
+        parents=[debug],
+        help="reconstruct averages of any sigma_rel or decay from a PostHocEMA store",
+        description="Reconstruct, from the snapshots polyak.PostHocEMA wrote to DIR, the "
+        "average of each --sigma-rel (EDM2) and --decay: one float32 safetensors file each in "
+        "--out, and a PNG of each target's weight profile over training time against the one "
+        "the snapshots achieve. --list describes the store instead (--verify: and checks every "
+        "file's CRC-32).",
+    )
+    posthoc_arguments(posthoc)
     return parser
 
 
@@ -92,6 +108,10 @@ def _missing(e: ImportError) -> str:
 def _prepare(args: argparse.Namespace) -> Callable[[], object]:
     """Validate everything the command needs (config, data, output directory) and return the
     run itself; raises ``ValueError`` (data errors included) or ``ImportError``."""
+    if args.command == "posthoc":
+        from polyak.posthoc_cli import prepare
+
+        return prepare(args)
     if args.command == "study":
         from polyak.study.config import config_from_args
 
@@ -112,19 +132,38 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
     return lambda: run_bench(bench)
 
 
+def _run_errors(command: str) -> tuple[type[Exception], ...]:
+    """The user errors a command can only find while it runs: a corrupt snapshot file."""
+    if command == "posthoc":
+        from polyak.posthoc import StoreError
+
+        return (StoreError,)
+    return ()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``polyak`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         run = _prepare(args)
     except (ValueError, ImportError) as e:
-        if getattr(args, "debug", False):
+        if debug:
             raise
-        message = _missing(e) if isinstance(e, ImportError) else str(e)
-        print(f"polyak {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
-    run()
-    return 0
+        return _error(args.command, e)
+    try:
+        status = run()
+    except _run_errors(args.command) as e:
+        if debug:
+            raise
+        return _error(args.command, e)
+    return status if isinstance(status, int) else 0
+
+
+def _error(command: str, e: Exception) -> int:
+    message = _missing(e) if isinstance(e, ImportError) else str(e)
+    print(f"polyak {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -71,9 +71,9 @@ class PostHocEMA:
         snapshot_dtype: dtype of the files. float16 (EDM2's choice) halves the disk and the
             reading time and adds ~3e-4 of the largest weight to a reconstruction within the
             stored widths (more for narrower targets: ``reconstruct`` warns).
-        keep_live: also store the live weights at each snapshot (for
-            :func:`polyak.posthoc.window_average`); costs one more average in memory (a copy
-            kept at every update) and one more file per snapshot.
+        keep_live: also store the live weights of the snapshot's step (read from the model
+            when the snapshot is taken) for :func:`polyak.posthoc.window_average`: one more
+            file per snapshot, nothing kept between snapshots.
         retention: :class:`Retention` to thin old snapshots, or ``None`` to keep all.
         **ema_kwargs: passed to :class:`polyak.EMA` (``update_every``, ``buffers``, ``dtype``,
             ``include``/``exclude``, ``start_step``, ...), except ``decay``.
@@ -142,10 +142,7 @@ class PostHocEMA:
         self._averages = {
             key: (p.name, s, schedules.sigma_rel_to_gamma(s)) for key, (s, p) in power.items()
         }
-        decays: dict[str, Any] = {p.name: p for _, p in power.values()}
-        if keep_live:
-            decays[LIVE] = schedules.constant(0.0)  # a copy of the live weights at each update
-        self.ema = polyak.EMA(model, decays, **ema_kwargs)
+        self.ema = polyak.EMA(model, {p.name: p for _, p in power.values()}, **ema_kwargs)
         self.sigma_rels = tuple(rels)
         self.run_id = _shared_run_id()
         self._writer: SnapshotWriter | None = None
@@ -183,9 +180,8 @@ class PostHocEMA:
             writer.wait()  # the staging buffers are free again
         except SnapshotWriteError as e:
             failed = e
-        timeline = state["timeline"]
         payload = self._stage(state)
-        writer.submit(step, timeline["last_update_step"] - timeline["start_step"], payload)
+        writer.submit(step, self.ema.last_update_step - self.ema.start_step, payload)
         self._last_snapshot = step
         if failed is not None:
             raise failed
@@ -228,7 +224,7 @@ class PostHocEMA:
             "world_size": world if sharded else 1,
             "sharded": sharded,
             "snapshot_dtype": _dtype_name(self.snapshot_dtype),
-            "start_step": state["timeline"]["start_step"],
+            "start_step": self.ema.start_step,
             "live": self.keep_live,
             "averages": {
                 key: {"sigma_rel": rel, "gamma": gamma, "name": name}
@@ -240,31 +236,38 @@ class PostHocEMA:
         return self._writer
 
     def _stage(self, state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        """Host copies (``snapshot_dtype``) of every average; buffers reused across snapshots."""
+        """Host copies of every file's tensors, in buffers reused across snapshots: each
+        average (in ``snapshot_dtype``) with the copied tensors, and, with ``keep_live``, the
+        model's tensors read now (this rank's shards under FSDP2), copied ones included."""
+        copied = state["copied"]
         sources = {key: state["averages"][name] for key, (name, _, _) in self._averages.items()}
         if self.keep_live:
-            sources[LIVE] = state["averages"][LIVE]
+            live = self.ema.live_tensors()
+            sources[LIVE] = {n: live[n] for n in [*next(iter(sources.values())), *copied]}
+        sources["copied"] = copied
         pin = torch.cuda.is_available()
         if self._staging is None:
             self._staging = {
                 key: {
-                    n: torch.empty(t.shape, dtype=self.snapshot_dtype, pin_memory=pin)
+                    n: torch.empty(
+                        t.shape,
+                        dtype=t.dtype if n in copied else self.snapshot_dtype,
+                        pin_memory=pin,
+                    )
                     for n, t in table.items()
                 }
                 for key, table in sources.items()
             }
-            self._staging["copied"] = {
-                n: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                for n, t in state["copied"].items()
-            }
         with torch.no_grad():
-            for key, table in [*sources.items(), ("copied", state["copied"])]:
+            for key, table in sources.items():
                 for n, t in table.items():
                     self._staging[key][n].copy_(t, non_blocking=pin)
             if pin:
                 torch.cuda.synchronize()
-        copied = self._staging["copied"]
-        return {key: {**self._staging[key], **copied} for key in sources}
+        payload = {key: {**self._staging[key], **self._staging["copied"]} for key in self._averages}
+        if self.keep_live:
+            payload[LIVE] = self._staging[LIVE]
+        return payload
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

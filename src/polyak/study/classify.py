@@ -7,13 +7,17 @@ with its averaged BN statistics and, for the averages, again with BN statistics 
 the training inputs (Morales-Brotons et al. 2024 report both), and the share of the noisy
 training labels each model reproduces (memorisation). Final validation accuracy and NLL are
 recorded for every model too: the study picks its "best" average on them, never on the test set.
+With ``posthoc`` set, a run also keeps a :class:`polyak.PostHocEMA` and sweeps ``sigma_rel``
+after training (:mod:`polyak.study.posthoc_sweep`), after everything above is recorded.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,7 @@ from polyak import metrics, schedules
 from polyak.study.config import StudyConfig
 from polyak.study.data import Dataset
 from polyak.study.models import make_model
+from polyak.study.posthoc_sweep import Sweep
 from polyak.workflows import recompute_bn
 
 __all__ = ["LIVE", "Split", "average_schedules", "make_split", "train_run"]
@@ -103,7 +108,21 @@ def _scores(probs: torch.Tensor, y: torch.Tensor, bins: int) -> dict[str, float]
 def train_run(
     cfg: StudyConfig, split: Split, seed: int, tick: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
-    """Train one seed; return per-epoch curves, final scores and final test predictions."""
+    """Train one seed; return per-epoch curves, final scores and final test predictions (and,
+    with ``cfg.posthoc``, the post-hoc sweep under ``"posthoc"``)."""
+    if not cfg.posthoc:
+        return _train(cfg, split, seed, tick, None)
+    with tempfile.TemporaryDirectory(prefix="polyak-study-posthoc-") as store:
+        return _train(cfg, split, seed, tick, Path(store))
+
+
+def _train(
+    cfg: StudyConfig,
+    split: Split,
+    seed: int,
+    tick: Callable[[int], None] | None,
+    store: Path | None,
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = make_model(cfg.model, split.x_train.shape[1], split.num_classes)
     opt = torch.optim.SGD(
@@ -116,6 +135,7 @@ def train_run(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     ema = polyak.EMA(model, average_schedules(cfg))
+    sweep = None if store is None else Sweep(model, store, steps_per_epoch)
     names = [LIVE, *ema.names]
     gen = torch.Generator().manual_seed(10_000 + seed)
     curves: dict[str, dict[str, list[float]]] = {
@@ -139,6 +159,8 @@ def train_run(
             opt.step()
             lr_at.step()
             ema.update()
+            if sweep is not None:
+                sweep.update()
             total_loss += loss.item() * len(idx)
         train_loss.append(total_loss / len(split.x_train))
 
@@ -185,7 +207,7 @@ def train_run(
             record_final(f"{name} +bn", model)
         for k, v in saved.items():  # give the average its EMAN statistics back
             averaged[k].copy_(v)
-    return {
+    out = {
         "seed": seed,
         "train_loss": train_loss,
         "curves": curves,
@@ -193,3 +215,15 @@ def train_run(
         "predictions": predictions,
         "probabilities": probabilities,
     }
+    if sweep is not None:
+
+        def score(m: nn.Module) -> dict[str, float]:
+            test = _scores(_predict(m, split.x_test), split.y_test, cfg.ece_bins)
+            val = _scores(_predict(m, split.x_val), split.y_val, cfg.ece_bins)
+            return {"acc": test["acc"], "nll": test["nll"], "val_acc": val["acc"],
+                    "val_nll": val["nll"]}  # fmt: skip
+
+        # the reconstruction of a constant decay is the debiased average: compare like with like
+        decays = {f"ema {d:g}": d for d in cfg.decays} if cfg.average == "debiased" else {}
+        out["posthoc"] = sweep.finish(model, score, decays, final)
+    return out

@@ -26,7 +26,8 @@ _QUICK = {"dataset": "digits", "epochs": 12, "seeds": 2, "regression_splits": 3}
 _RUL = {"epochs": 60, "seeds": 5, "batch_size": 256, "lr": 1e-3, "val_fraction": 0.2}
 _RUL_QUICK = {"epochs": 8, "seeds": 2, "patience": 3}
 _NOT_RUL = ("dataset", "train_size", "test_size", "model", "noise", "momentum", "weight_decay",
-            "decays", "average", "ece_bins", "regression", "regression_splits")  # fmt: skip
+            "decays", "average", "ece_bins", "regression", "regression_splits",
+            "posthoc")  # fmt: skip
 _ONLY_RUL = ("subset", "patience")
 
 
@@ -102,6 +103,12 @@ class StudyConfig:
         default=True, metadata={"help": "also run the diabetes regression task"}
     )
     regression_splits: int = field(default=10, metadata={"help": "train/test splits (diabetes)"})
+    posthoc: bool = field(
+        default=True,
+        metadata={"help": "also keep EDM2's post-hoc EMA in each classification run (power "
+                  "averages of sigma_rel 0.05, 0.10 and 0.20, a snapshot every half epoch) and, "
+                  "after training, sweep sigma_rel 0.01-0.28 by reconstruction"},
+    )  # fmt: skip
     out: str = field(default="polyak-study", metadata={"help": "output directory"})
     quick: bool = field(
         default=False,

@@ -11,9 +11,10 @@ import numpy as np
 from polyak import metrics
 from polyak.study.classify import LIVE
 
-__all__ = ["write_plots"]
+__all__ = ["POSTHOC_PNG", "write_plots"]
 
 _DPI = 110
+POSTHOC_PNG = "posthoc.png"
 
 
 def _noise(noise: str) -> str:
@@ -139,9 +140,56 @@ def _regression(plt: Any, reg: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _posthoc(plt: Any, results: dict[str, Any], path: Path) -> None:
+    """Test accuracy and NLL against sigma_rel: the reconstructed sweep, the averages kept
+    directly, the live weights and the validation's choice."""
+    levels, summary = results["posthoc"], results["classification"]["summary"]
+    seeds = results["config"]["seeds"]
+    fig, axes = plt.subplots(2, len(levels), figsize=(5.5 * len(levels), 7.6), squeeze=False)
+    rows = (("acc", 100, "test accuracy (%)"), ("nll", 1, "test NLL (nats per image)"))
+    for col, (noise, level) in enumerate(levels.items()):
+        x = np.array(level["sigma_rels"])
+        chosen = level["chosen"]["sigma_rel"]
+        for row, (key, scale, label) in enumerate(rows):
+            ax = axes[row][col]
+            y = np.array(level["curve"][key]["mean"]) * scale
+            s = np.array(level["curve"][key]["std"]) * scale
+            ax.plot(x, y, "o-", ms=3.5, color="C0", label="reconstructed from the snapshots")
+            ax.fill_between(x, y - s, y + s, color="C0", alpha=0.15, lw=0)
+            kept = level["kept"]
+            ax.plot([float(k) for k in kept], [v[key]["mean"] * scale for v in kept.values()],
+                    "s", ms=11, mfc="none", mew=1.8, color="C1",
+                    label="kept directly during training")  # fmt: skip
+            live = summary[noise]["models"][LIVE][key]["mean"] * scale
+            ax.axhline(live, color="k", ls="--", lw=1, label="live weights")
+            ax.axvline(chosen, color="C2", ls=":", lw=2,
+                       label="sigma_rel chosen on the validation split")  # fmt: skip
+            ax.set(xscale="log", ylabel=label)
+            ticks = [v for v in (0.01, 0.02, 0.05, 0.1, 0.2, 0.28) if x[0] <= v <= x[-1]]
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("sigma_rel (EDM2 relative width of the power average)")
+            ax.set_title(f"{_noise(noise)}: {'accuracy' if key == 'acc' else 'NLL'}")
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    from matplotlib.patches import Patch
+
+    handles.append(Patch(color="C0", alpha=0.3))
+    labels.append(f"± 1 std over {seeds} seeds")
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(
+        "Post-hoc EMA: averages of every sigma_rel reconstructed after training\n"
+        f"(mean of {seeds} seeds; {level['snapshots']} snapshots of sigma_rel "
+        f"{', '.join(level['kept'])} per run)"
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
 def write_plots(results: dict[str, Any], reliability: dict[str, Any], out: Path) -> list[str]:
-    """Accuracy per epoch, reliability diagram, seed agreement, regression RMSE (PNG files in
-    ``out``); returns their file names.
+    """Accuracy per epoch, reliability diagram, seed agreement, regression RMSE, the post-hoc
+    sweep (PNG files in ``out``); returns their file names.
 
     ``reliability``: ``{"labels", "probabilities": {model: probs}, "seed"}`` of one clean run, or
     empty to skip that figure.
@@ -161,4 +209,7 @@ def write_plots(results: dict[str, Any], reliability: dict[str, Any], out: Path)
     if results.get("regression"):
         files.append("regression.png")
         _regression(plt, results["regression"], out / files[-1])
+    if results.get("posthoc"):
+        files.append(POSTHOC_PNG)
+        _posthoc(plt, results, out / files[-1])
     return files

@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from polyak.study.plots import POSTHOC_PNG
+from polyak.study.posthoc_report import posthoc_findings, posthoc_section
+
 __all__ = ["findings", "format_table", "provenance", "targets", "write_report"]
 
 COLUMNS = (
@@ -78,6 +81,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"NLL {v['nll_change']:+.3f}, agreement between seeds "
             f"{v['agreement_gain'] * 100:+.1f} points."
         )
+    lines += posthoc_findings(results)
     reg = results.get("regression")
     if reg:
         for name, s in reg["settings"].items():
@@ -232,7 +236,8 @@ def write_report(results: dict[str, Any], plots: list[str], out: Path) -> Path:
         "## Results",
         "",
         format_table(results["classification"]["summary"], markdown=True),
-        *(f"![{p}]({p})\n" for p in plots),
+        *(f"![{p}]({p})\n" for p in plots if p != POSTHOC_PNG),
+        *posthoc_section(results),
         "## Caveats",
         "",
         CAVEATS,

@@ -32,6 +32,7 @@ from polyak.study.cmapss import load_cmapss
 from polyak.study.config import StudyConfig
 from polyak.study.data import Dataset, resolve_dataset
 from polyak.study.plots import write_plots
+from polyak.study.posthoc_sweep import summarise_posthoc
 from polyak.study.regression import SETTINGS, regression_case, summarise_regression
 from polyak.study.report import findings, format_table, targets, write_report
 from polyak.study.rul import summarise_rul, train_rul_seed
@@ -206,6 +207,8 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
                          for r in rs] for n, rs in runs.items()},
         },
         "regression": regression,
+        "posthoc": {n: summarise_posthoc(r, summary[n]["models"][LIVE]) for n, r in runs.items()}
+        if cfg.posthoc else None,
     }  # fmt: skip
     results["wall_time_s"] = time.perf_counter() - plan.started
     plots = write_plots(results, reliability, out)

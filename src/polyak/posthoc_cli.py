@@ -1,0 +1,251 @@
+"""``polyak posthoc``: reconstruct averages from a post-hoc EMA store, or list its snapshots.
+
+``polyak posthoc DIR --sigma-rel 0.05 0.08 0.12 --out OUT`` rebuilds the average of each target
+(EDM2 ``sigma_rel``, or a constant ``--decay``) from the snapshots a
+:class:`polyak.PostHocEMA` wrote to ``DIR`` (:func:`polyak.posthoc.reconstruct_many`, each file
+read once), writes one safetensors file per target to ``OUT`` (``sigma_rel=0.08.safetensors``,
+float32, canonical tensor names, the target, step, fit and run id in its metadata) and a PNG of
+each target's weight profile over training time next to the profile the snapshots achieve
+(:func:`polyak.posthoc.weight_profiles`). ``polyak posthoc DIR --list`` describes the store
+(:func:`polyak.posthoc.list_snapshots`; ``--verify`` also checks every file's CRC-32).
+
+Everything that can be checked from the manifests (the store, the targets, ``--step``, the
+output directory) is checked before any snapshot file is read; a corrupt file found while
+reading is reported the same way (one line, exit status 2) and nothing is written: the outputs
+are written to temporary files and renamed into place once all are complete.
+
+Example:
+    >>> from polyak.cli import main
+    >>> main(["posthoc", "/nonexistent", "--list"])
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PLOT", "add_arguments", "prepare"]
+
+PLOT = "weight_profiles.png"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``polyak posthoc`` (no torch import: ``polyak --help`` stays fast)."""
+    parser.add_argument("directory", metavar="DIR", help="the store PostHocEMA wrote")
+    parser.add_argument(
+        "--sigma-rel",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="EDM2 relative widths to reconstruct, each in (0, 0.2887)",
+    )
+    parser.add_argument(
+        "--decay",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="D",
+        help="constant per-step decays to reconstruct (the debiased EMA), each in (0, 1)",
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="reconstruct the averages of this optimizer step from the snapshots up to it "
+        "(default: the last snapshot's step)",
+    )
+    parser.add_argument("--out", default=None, help="output directory (created if missing)")
+    parser.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"write {PLOT}: target vs achieved weight profiles (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="describe the store (run, averages, snapshots, ignored files) instead",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --list: also check every file's size and CRC-32 (reads all of them); the "
+        "exit status is 1 if one fails",
+    )
+
+
+def prepare(args: argparse.Namespace) -> Callable[[], int]:
+    """Check everything the manifests can tell and return the run (its exit status).
+
+    Raises:
+        ValueError: a bad flag, not a store (``StoreError``), a target or step the store cannot
+            serve, an output directory that cannot be written; ``ImportError``: torch,
+            safetensors or matplotlib is missing.
+    """
+    targets = bool(args.sigma_rel or args.decay)
+    if args.list:
+        extra = [f for f, given in (("--sigma-rel/--decay", targets), ("--out", args.out)) if given]
+        if extra or args.step is not None:
+            raise ValueError(f"--list shows the store; it takes no {', '.join(extra) or '--step'}")
+    elif args.verify:
+        raise ValueError("--verify goes with --list (a reconstruction checks every file it reads)")
+    elif not targets:
+        raise ValueError("give the averages to reconstruct (--sigma-rel S ..., --decay D ...)")
+    elif args.out is None:
+        raise ValueError("give the output directory: --out OUT")
+    import safetensors  # noqa: F401 - missing, the error says how to install it
+
+    from polyak import posthoc
+
+    if args.list:
+        posthoc.list_snapshots(args.directory)  # a store, readable (reads no snapshot file)
+        return lambda: _list(args.directory, args.verify)
+    for flag, values, make in (
+        ("--sigma-rel", args.sigma_rel, posthoc.Target.make),
+        ("--decay", args.decay, lambda v: posthoc.Target.make(decay=v)),
+    ):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{flag} values must be distinct, got {' '.join(map(str, values))}")
+        for v in values:
+            try:
+                make(v)
+            except ValueError as e:
+                raise ValueError(f"{flag} {v}: {e}") from None
+    if args.step is not None and args.step < 1:
+        raise ValueError(f"--step must be >= 1, got {args.step}")
+    if args.plot:
+        import matplotlib  # noqa: F401 - missing, the error says how to install it
+    with _caught() as caught:
+        profiles = posthoc.weight_profiles(
+            args.directory, args.sigma_rel, decays=args.decay, step=args.step
+        )
+    from polyak.bench.report import check_output_dir
+
+    check_output_dir(args.out, "--out")
+    return lambda: _reconstruct(args, profiles, caught)
+
+
+@contextmanager
+def _caught() -> Iterator[list[str]]:
+    """The library's warnings (ignored files, magnified rounding) as messages, for one line
+    each on stderr instead of Python's file-and-line format."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        yield found
+    found += [str(w.message) for w in records]
+
+
+def _warn(messages: list[str]) -> None:
+    for m in dict.fromkeys(messages):  # once each, in order
+        print(f"polyak posthoc: warning: {' '.join(m.split())}", file=sys.stderr)
+
+
+def _list(directory: str, verify: bool) -> int:
+    from polyak import posthoc
+
+    listing = posthoc.list_snapshots(directory, verify=verify)
+    print(listing)
+    return 1 if any(s["problems"] for s in listing.snapshots) else 0
+
+
+def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str]) -> int:
+    from safetensors.torch import save_file
+
+    from polyak import posthoc
+
+    out = Path(args.out)
+    with _caught() as more:
+        recs = posthoc.reconstruct_many(
+            args.directory, args.sigma_rel, decays=args.decay, step=args.step
+        )
+        run_id = posthoc.list_snapshots(args.directory).run_id
+    _warn(caught + more)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for rec in recs:
+            path = out / f"{rec.label}.safetensors"
+            metadata = {"format": "polyak.posthoc.reconstruction", "target": rec.label}
+            metadata.update(step=str(rec.step), fit=f"{rec.fit:.6g}", run_id=run_id)
+            metadata.update(store=str(Path(args.directory).resolve()))
+            staged.append((_tmp(path), path))
+            save_file(dict(rec), str(staged[-1][0]), metadata=metadata)
+        if args.plot:
+            staged.append((_tmp(out / PLOT), out / PLOT))
+            _plot(profiles, staged[-1][0], run_id)
+        for tmp, _ in staged:
+            _fsync(tmp)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:  # every output complete: now they replace any earlier ones
+        os.replace(tmp, path)
+    print(f"store {args.directory}: run {run_id}, reconstructed at step {recs[0].step}")
+    print(f"{'target':<22} {'fit':>8} {'sum |x|':>8}  file")
+    for rec in recs:
+        assert rec.solution is not None
+        name = out / f"{rec.label}.safetensors"
+        print(f"{rec.label:<22} {rec.fit:>8.1e} {rec.solution.amplification:>8.2f}  {name}")
+    if args.plot:
+        print(f"weight profiles: {out / PLOT}")
+    return 0
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plot(profiles: list[Any], path: Path, run_id: str) -> None:
+    """One panel per target: its weight profile and the one the snapshots achieve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(profiles)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    legend = 0.45  # inches under the panels
+    height = 3.1 * rows + 0.8 + legend
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, height), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, profiles):
+        # weight per 1000 optimizer steps: readable numbers at any length of training
+        ax.stairs(p.target * 1e3, p.edges, baseline=None, color="0.6", lw=3.5, label="target")
+        ax.stairs(p.achieved * 1e3, p.edges, baseline=None, color="C0", lw=1.2,
+                  label="achieved by the snapshots")  # fmt: skip
+        times = sorted(set(p.solution.ts.tolist()))
+        ax.plot(times, [0.03] * len(times), "|", color="C3", ms=7,
+                transform=ax.get_xaxis_transform(), label="a snapshot")  # fmt: skip
+        ax.set_title(f"{p.label} (fit {p.fit:.1e})", fontsize="medium")
+        ax.set_xlabel("optimizer steps since averaging started")
+        ax.set_ylabel("weight per 1000 steps")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(
+        f"Post-hoc EMA: target vs achieved weight profiles at step {profiles[0].step}\n"
+        f"(run {run_id}; fit = relative L2 distance between the two)"
+    )
+    fig.tight_layout(rect=(0, legend / height, 1, 1))
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

@@ -233,7 +233,8 @@ class Binding:
         """
         flags = []
         for group in [*self.groups, *self.copy_groups]:
-            spans, tensors = [], []
+            spans: list[torch.Tensor] = []
+            tensors: list[torch.Tensor] = []
             for s in group.segments:
                 x = s.source
                 if x.numel() and (x.is_floating_point() or x.is_complex()):

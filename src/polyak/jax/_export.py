@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polyak._names import check_names
+from polyak._state import check_header
 from polyak.jax._state import EMAState, Spec, find_state, leaf_paths
 
 __all__ = ["load_state_dict", "state_dict"]
@@ -96,24 +98,13 @@ def load_state_dict(template: EMAState, state: Mapping[str, Any]) -> EMAState:
     """
     if not isinstance(template, EMAState):
         raise TypeError(f"template must be a polyak.jax EMAState, got {type(template).__name__}")
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a mapping from pj.state_dict, got {type(state).__name__}")
-    if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-        raise ValueError(
-            f"not a {_FORMAT} v{_VERSION} state dict: format={state.get('format')!r}, "
-            f"version={state.get('version')!r}"
-        )
+    state = check_header(state, _FORMAT, _VERSION, ("paths", "averages", "timeline"))
     paths = leaf_paths(template.averages[0])
+    check_names(paths, state["paths"], "the saved leaves differ from the template's")
     if list(state["paths"]) != paths:
-        missing = [p for p in paths if p not in set(state["paths"])]
-        extra = [p for p in state["paths"] if p not in set(paths)]
-        raise ValueError(
-            f"the saved leaves differ from the template's: missing {missing}, unexpected "
-            f"{extra}" + ("" if missing or extra else " (same leaves, another order)")
-        )
+        raise ValueError("the saved leaves are those of the template, in another order")
     saved = state["averages"]
-    if list(saved) != list(template.names):
-        raise ValueError(f"averages differ: saved {list(saved)}, template has {template.names}")
+    check_names(template.names, saved, "the saved averages")
     averages = []
     for name, avg in zip(template.names, template.averages):
         leaves, treedef = jax.tree.flatten(avg)

@@ -275,7 +275,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['params'] / 1e6:.1f}M parameters in {result['leaves']} leaves (a GPT-like "
         f"layout), decay {DECAY}, {result['rounds']} interleaved rounds in a shuffled order, "
         "caches flushed (a 512 MiB read) before each call, every state donated (updated in "
-        "place). The machine is shared with other engineers working at the same time: absolute "
+        "place). When other jobs share the machine (a load average well above 1) absolute "
         "times vary, the paired per-round ratios much less. `x floor`: median (and quartiles) "
         "of per-round ratios to one fused lerp over a flat array of the same size and weights' "
         "dtype (the memory floor). GB/s: minimal traffic (read the weights, read and write the "
@@ -348,7 +348,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     m = result["machine"]
     fig.suptitle(
         f"EMA update of {result['params'] / 1e6:.1f}M params in {result['leaves']} leaves under "
-        f"jax.jit; {m['cpu']}, {m['cores']} cores (shared), jax {result['versions']['jax']}",
+        f"jax.jit; {m['cpu']}, {m['cores']} cores, jax {result['versions']['jax']}",
         fontsize=10,
     )
     fig.tight_layout()

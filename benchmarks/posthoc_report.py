@@ -25,8 +25,9 @@ def markdown(result: dict, summary: dict) -> str:
     lines = [
         f"# Post-hoc EMA benchmark, {m['date']}",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores **shared with other engineers' jobs** (load "
-        f"average before {result['load'][0][0]:.2f}, after {result['load'][-1][0]:.2f}), "
+        f"Machine: {m['cpu']}, {m['cores']} cores (load average before "
+        f"{result['load'][0][0]:.2f}, after {result['load'][-1][0]:.2f}: other jobs shared the "
+        "cores when it is well above the benchmark's own ~1), "
         f"{c['threads']} torch thread(s), Python {m['python']}; "
         + ", ".join(f"{k} {x}" for k, x in result["versions"].items()),
         "",
@@ -183,7 +184,7 @@ def plot(result: dict, summary: dict, path: Path) -> None:
             title="Reconstruction error, sigma_rel 0.08",
         )
         axes[2].legend(loc="lower left")
-    fig.suptitle("polyak post-hoc EMA (shared 2-core machine)")
+    fig.suptitle(f"polyak post-hoc EMA ({result['machine']['cpu']}, 2 cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -475,3 +475,16 @@ def test_live_tensors_and_timeline_positions():
     for _ in range(5):
         ema.update()
     assert (ema.step, ema.last_update_step, ema.start_step) == (5, 4, 3)
+
+
+def test_module_per_batch_costs_nothing_between_updates(monkeypatch):
+    model = bn_net()
+    ema = polyak.EMA(model, 0.9)
+    module = ema.module
+    calls = []
+    monkeypatch.setattr(ema._binding, "verify", lambda: calls.append(1))
+    for _ in range(5):
+        assert ema.module is module  # an eval loop: no check, no reduction
+    assert calls == []
+    ema.update()
+    assert ema.module is module and calls == [1]  # checked again after an update

@@ -211,7 +211,7 @@ class EMA(TimelineViews):
         self._model = model
         self._lock = threading.Lock()
         self._swap: SwapState | None = None
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, tuple[nn.Module, int]] = {}  # module, updates when checked
         self._owned: dict[int, torch.Tensor] = {}  # the flat buffers flat_params made
         self._freeze_warned = False
         selection = select(model, self._policy)  # bad policies fail here, built or not
@@ -485,8 +485,14 @@ class EMA(TimelineViews):
         averages in their own dtype (float32 for a bf16 model). Do not ``.to()`` or cast it:
         that would give it its own copy, detached from the average; pick ``dtype``/``device``
         when building the EMA instead. Not available for FSDP2-sharded models: use
-        :meth:`swapped`.
+        :meth:`swapped`. The model check and the inf/nan warning run when the module is made
+        and at the first call after each update, so calling it per batch costs nothing.
         """
+        row = self._row(name)
+        key = self._timeline.names[row]
+        cached = self._modules.get(key)
+        if cached is not None and cached[1] == self._timeline.num_updates:
+            return cached[0]  # checked since the last update: no work per call (eval loops)
         binding = self._bound()
         if binding.fsdp:
             raise TypeError(
@@ -494,10 +500,8 @@ class EMA(TimelineViews):
                 "`with ema.swapped(model):` or export with ema.full_state_dict()"
             )
         binding.verify()
-        row = self._row(name)
-        key = self._timeline.names[row]
         self._warn_nonfinite(row, "get_module()")
-        if key not in self._modules:
+        if cached is None:
             replacements = {
                 id(t): v for t, v in zip(binding.lives, binding.averages.row(row).values())
             }
@@ -507,8 +511,9 @@ class EMA(TimelineViews):
                 for t in (*m._parameters.values(), *m._buffers.values())
                 if t is not None and id(t) not in replacements
             ]
-            self._modules[key] = shared_module(binding.root, replacements, keep)
-        return self._modules[key]
+            cached = (shared_module(binding.root, replacements, keep), 0)
+        self._modules[key] = (cached[0], self._timeline.num_updates)
+        return cached[0]
 
     @property
     def module(self) -> nn.Module:

@@ -562,3 +562,23 @@ def test_low_precision_warning_states_the_factor():
 def test_bad_nonfinite_option():
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         polyak.EMA(bn_net(), 0.9, nonfinite="ignore")
+
+
+def test_low_precision_sums_do_not_overflow_into_false_alarms():
+    """A float16 sum of finite values overflows past 65504: the checks reduce in float32."""
+    big = nn.Linear(1000, 1000)
+    with torch.no_grad():
+        big.weight.fill_(100.0)  # sum 1e8, L2 norm 1e5: both beyond float16's range
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ema = polyak.EMA(big, 0.9, dtype=torch.float16)
+        ema.update()
+        ema.state_dict()
+    assert not [w for w in caught if "inf/nan" in str(w.message)]
+    assert ema.nonfinite_tensors() == []
+    for flat in (False, True):
+        model = copy.deepcopy(big).half()
+        for mode in ("raise", "skip"):
+            e = polyak.EMA(model, 0.9, nonfinite=mode, flat_params=flat)
+            e.update()  # raises on a false alarm
+            assert e.skipped_updates == 0

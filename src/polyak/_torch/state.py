@@ -23,7 +23,7 @@ from polyak._state import check_header
 from polyak._timeline import Timeline
 from polyak._torch.naming import canonical_name
 from polyak._torch.sharding import ShardInfo, full_tensor, take_shard
-from polyak._torch.storage import Averages
+from polyak._torch.storage import Averages, all_finite
 from polyak.errors import NonFiniteError
 
 __all__ = ["FORMAT", "VERSION", "agree_across_ranks", "encode", "gather", "stage"]
@@ -90,7 +90,7 @@ def _check_tensor(src: Any, dst: torch.Tensor, name: str, what: str) -> None:
         src.is_complex() and not dst.is_complex()
     ):
         raise TypeError(f"{what}: {name} has dtype {src.dtype}, this EMA keeps {dst.dtype}")
-    if want_float and src.numel() and not bool(torch.isfinite(src).all()):
+    if want_float and not all_finite(src):
         raise NonFiniteError(f"{what}: {name} holds inf/nan; refusing to load it", [name])
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ALIGN_BYTES", "Averages", "FlatStorage", "Slot", "align"]
+__all__ = ["ALIGN_BYTES", "Averages", "FlatStorage", "Slot", "align", "all_finite", "wide"]
 
 ALIGN_BYTES = 64  # each view starts on a cache line: vector loads stay aligned
 
@@ -88,13 +88,19 @@ class FlatStorage:
         return out
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """All values finite; integer tensors always are. One sum, no copy: inf/nan make it
-    non-finite (as would values beyond ~1e30, which no average reaches); 4x faster here than
-    max|x| and 50x faster than ``isfinite(t).all()``."""
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to reduce ``dtype`` values in: float32 at least, so that a sum of finite
+    float16 values (which overflows past 65504) stays finite."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """All values finite; integer tensors always are. One sum in :func:`wide` precision, no
+    copy: inf/nan make it non-finite (as would values beyond ~1e30, which no average reaches);
+    4x faster here than max|x| and 50x faster than ``isfinite(t).all()``. Syncs."""
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.sum()).all())
+    return bool(torch.isfinite(t.sum(dtype=wide(t.dtype))).all())
 
 
 class Averages:
@@ -135,6 +141,6 @@ class Averages:
         """
         rows = [b[k] for b in self.averaged.buffers.values()]
         rows += list(self.copied.buffers.values())
-        if all(_finite(r) for r in rows):
+        if all(all_finite(r) for r in rows):
             return []
-        return [n for n, v in self.row(k).items() if not _finite(v)]
+        return [n for n, v in self.row(k).items() if not all_finite(v)]

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from polyak import schedules
 from polyak.array_ema import ArrayEMA
-from polyak.errors import ModelChangedError, NonFiniteError, SwappedStateDictWarning
+from polyak.errors import (
+    CheckpointError,
+    ModelChangedError,
+    NonFiniteError,
+    SwappedStateDictWarning,
+)
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
@@ -60,6 +65,7 @@ _EXTRAS = {"torch": "torch"}
 __all__ = [
     "EMA",
     "ArrayEMA",
+    "CheckpointError",
     "EarlyStopping",
     "ModelChangedError",
     "NonFiniteError",

@@ -1,12 +1,12 @@
 """polyak's own exceptions (pure core: importing this module imports nothing else).
 
-Both derive from :class:`ValueError`, so code that catches bad input keeps working; catch these
-names to react to the two situations specifically.
+All derive from :class:`ValueError`, so code that catches bad input keeps working; catch these
+names to react to each situation specifically.
 """
 
 from __future__ import annotations
 
-__all__ = ["ModelChangedError", "NonFiniteError", "SwappedStateDictWarning"]
+__all__ = ["CheckpointError", "ModelChangedError", "NonFiniteError", "SwappedStateDictWarning"]
 
 
 class ModelChangedError(ValueError):
@@ -43,6 +43,14 @@ class NonFiniteError(ValueError):
     def __init__(self, message: str, names: list[str] | None = None) -> None:
         super().__init__(message)
         self.names = names or []
+
+
+class CheckpointError(ValueError):
+    """A file or folder polyak reads back cannot be trusted as it is: malformed (a field missing,
+    of the wrong type or out of range), unsafe (a file name that is not a plain name inside its
+    folder, a symlink leaving it, a device), inconsistent with the files on disk, or written by
+    another run or at another step than the one resuming. The message names the file and the
+    field, and says what to do. Nothing outside the folder given is read, written or deleted."""
 
 
 class SwappedStateDictWarning(UserWarning):

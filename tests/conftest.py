@@ -21,7 +21,30 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def pytest_collection_modifyitems(items):
-    """The JAX tests run last: once JAX has started its runtime (threads), an os.fork() in this
-    process (the study's forked workers) warns and could deadlock."""
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="run every test: the fast tier and the slow one (peers' sweeps, multi-process "
+        "runs, framework runs, deep fuzzing). Without it (and without -m), only the fast tier.",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: the slow tier (run with --all, or alone with -m slow): peers' differential "
+        "sweeps, multi-process runs, framework runs beyond one smoke test, deep fuzzing",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --all or -m, the slow tier is left out. The JAX tests run last: once JAX has
+    started its runtime (threads), an os.fork() in this process (the study's forked workers)
+    warns and could deadlock."""
+    if not config.getoption("--all") and not config.getoption("-m"):
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
     items.sort(key=lambda item: item.path.name.startswith("test_jax"))

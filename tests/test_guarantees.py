@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import gc
+import pickle
+import re
 import sys
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -391,11 +394,57 @@ def test_new_data_of_the_same_shape_dtype_or_device_is_followed():
 def test_a_deleted_tensor_is_found_before_a_swap_or_copy():
     model = Net()
     ema = polyak.EMA(model, 0.5)
-    del model.head.bias  # no hook sees this; the full check before a swap does
+    del model.head.bias  # no registration hook sees this; the watched parameter dict does
     with pytest.raises(polyak.ModelChangedError, match=r"removed \['head.bias'\]"), ema.swapped():
         pass
     with pytest.raises(polyak.ModelChangedError):
         ema.copy_to(model)
+
+
+@pytest.mark.parametrize("how", ["set None", "del", "buffer None"])
+def test_a_tensor_set_to_none_or_deleted_is_named_at_the_next_update(how):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ema = polyak.EMA(model, 0.5)
+    ema.update()
+    before = {k: v.clone() for k, v in ema.averaged_tensors().items()}
+    if how == "set None":
+        model[0].bias = None
+    elif how == "del":
+        del model[0].weight
+    else:
+        model[1].running_mean = None
+    name = {"set None": "0.bias", "del": "0.weight", "buffer None": "1.running_mean"}[how]
+    with pytest.raises(polyak.ModelChangedError, match=rf"removed \['{re.escape(name)}'\]"):
+        ema.update()
+    for k, v in ema.averaged_tensors().items():
+        assert torch.equal(v, before[k])
+    assert ema.rebind()["dropped"] == [name]
+    ema.update()
+
+
+def test_the_watched_parameter_dicts_leave_copies_pickles_and_compile_alone():
+    model = Net()
+    ema = polyak.EMA(model, 0.5)
+    assert type(model.head._parameters) is not dict  # watched
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(type(m._parameters) is dict for m in clone.modules())
+    x = torch.randn(2, 4)
+    explained = torch._dynamo.explain(lambda x: model.head(model.body(x)))(x)
+    assert explained.graph_break_count == 0
+    ema.update()  # nothing changed: no error
+
+
+def test_averages_on_the_meta_device_are_refused_by_name():
+    with pytest.raises(ValueError, match="device='meta'.*pass device=None"):
+        polyak.EMA(Net(), 0.5, device="meta")
+
+
+def test_decay_one_warns_that_the_average_never_moves():
+    with pytest.warns(UserWarning, match=r"decay 1\.0 \(averages \['frozen'\]\).*never moves"):
+        polyak.EMA(Net(), {"frozen": 1.0, "moving": 0.9})
+    with pytest.warns(UserWarning, match="never moves") as caught:
+        polyak.ArrayEMA([np.zeros(2)], 1.0)
+    assert caught[0].filename == __file__  # points at the caller's line
 
 
 def test_a_meta_model_waits_for_its_weights():

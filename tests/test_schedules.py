@@ -638,3 +638,23 @@ def test_core_imports_only_the_standard_library() -> None:
                 continue
             for name in names:
                 assert name == "polyak._horizon" or name.split(".")[0] in allowed, name
+
+
+def test_sigma_rel_to_gamma_for_widths_down_to_the_smallest_float():
+    """gamma ~ 1/sigma_rel - 2 for narrow widths: no overflow down to 1e-300 (s**-2 would)."""
+    for s in (1e-3, 1e-6, 1e-100, 1e-300):
+        g = schedules.sigma_rel_to_gamma(s)
+        assert math.isfinite(g) and abs(g * s - 1.0) < 1e-2
+        if s >= 1e-100:  # gamma_to_sigma_rel underflows past that
+            assert schedules.gamma_to_sigma_rel(g) == pytest.approx(s, rel=1e-12)
+    assert [schedules.power(sigma_rel=1e-300)(t) for t in (1, 2, 10)] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="sigma_rel=5e-324 is too small"):
+        schedules.sigma_rel_to_gamma(5e-324)
+
+
+def test_power_inner_of_very_narrow_profiles_does_not_overflow():
+    from polyak.posthoc.profiles import power_inner
+
+    with np.errstate(all="raise"):
+        value = float(power_inner(100.0, 1e300, 100.0, 1e300))
+    assert value == pytest.approx(0.5e300 / 100.0)

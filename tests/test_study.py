@@ -173,3 +173,21 @@ def test_cli_help_and_bad_config(capsys):
         StudyConfig(decays=(1.5,)).resolved()
     with pytest.raises(ValueError, match="model"):
         StudyConfig(model="resnet").resolved()
+
+
+@pytest.mark.parametrize("flag", [["--lr", "inf"], ["--lr", "nan"], ["--noise", "0", "inf"]])
+def test_non_finite_flags_are_one_line_errors(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["study", *flag])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "must be a finite number" in err
+
+
+def test_a_learning_rate_that_diverges_is_a_one_line_error(tmp_path, capsys):
+    code = main(["study", "--quick", "--dataset", "digits", "--no-posthoc", "--lr", "1e6",
+                 "--workers", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("polyak study: error: training diverged: the loss of the mlp")
+    assert "lower --lr (it is 1e+06)" in err[-1] and not any("Traceback" in x for x in err)

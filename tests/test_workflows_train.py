@@ -291,3 +291,61 @@ def test_bad_input_is_named(digits):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params_before))
     with pytest.warns(UserWarning, match="no BatchNorm"):
         train_with_ema(_net(bn=False), train, val, opt, ce, 1, recompute_bn=True, progress=False)
+
+
+class _NanAt:
+    """Cross-entropy whose loss is nan at the given (1-based) training call (evaluation runs
+    without gradients and is not counted), as an exploding run's is."""
+
+    def __init__(self, call: int) -> None:
+        self.call, self.calls = call, 0
+
+    def __call__(self, outputs, target):
+        self.calls += torch.is_grad_enabled()
+        loss = nn.functional.cross_entropy(outputs, target)
+        return loss * float("nan") if self.calls == self.call else loss
+
+
+def _nan_run(digits, nonfinite_loss, **kwargs):
+    model = _net(bn=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    train, val = _loaders(digits)
+    ema = polyak.EMA(model, 0.9)
+    history = train_with_ema(
+        model, train, val, opt, _NanAt(13), 3, ema=ema, progress=False,
+        nonfinite_loss=nonfinite_loss, final_weights="live", **kwargs,
+    )  # fmt: skip
+    return model, ema, history
+
+
+def test_a_non_finite_loss_stops_training_with_the_last_finite_weights(digits):
+    """10 batches per epoch: the 13th loss (epoch 2, batch 3) is nan; 12 steps were taken."""
+    with pytest.warns(UserWarning, match="batch 3 of epoch 2 is not finite.*step 12"):
+        model, ema, history = _nan_run(digits, "stop")
+    assert history["epoch"] == [1, 2] and history["steps"] == [10, 12]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not ema.nonfinite_tensors()
+    # the same run with the 13th batch never reached: 12 steps of the same stream
+    ref = _net(bn=False)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    ref_ema = polyak.EMA(ref, 0.9)
+    train, _ = _loaders(digits)
+    batches = [b for _ in range(2) for b in train][:12]
+    for x, y in batches:
+        nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_ema.update()
+    assert _same(model, ref.state_dict())
+    for k, v in ema.averaged_tensors().items():
+        assert torch.equal(v, ref_ema.averaged_tensors()[k])
+
+
+def test_a_non_finite_loss_can_raise_or_be_trained_on(digits):
+    with pytest.raises(polyak.NonFiniteError, match="batch 3 of epoch 2"):
+        _nan_run(digits, "raise")
+    model, _, history = _nan_run(digits, "continue")
+    assert len(history["epoch"]) == 3
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # the old behaviour
+    with pytest.raises(ValueError, match="nonfinite_loss must be one of"):
+        _nan_run(digits, "skip")

@@ -175,15 +175,22 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         (16.97, 6.94)
     """
     s = real_in("sigma_rel", sigma_rel, 0.0, SIGMA_REL_MAX, lo_open=True, hi_open=True)
-    c = s**-2
-    g = 1.0 / s
+    # In u = g * s the cubic times s**3 reads u**3 + 7 s u**2 + (16 s**2 - 1) u + 12 s**3 - s:
+    # no s**-2 to overflow for tiny widths, and u = 1 (g = 1/s) starts right of the root.
+    u = 1.0
     for _ in range(10_000):
-        f = ((g + 7.0) * g + (16.0 - c)) * g + (12.0 - c)
-        slope = (3.0 * g + 14.0) * g + (16.0 - c)
-        nxt = g - f / slope
-        if not nxt < g:  # no further descent: converged (or rounding noise at the root)
+        f = ((u + 7.0 * s) * u + (16.0 * s * s - 1.0)) * u + (12.0 * s * s - 1.0) * s
+        slope = (3.0 * u + 14.0 * s) * u + (16.0 * s * s - 1.0)
+        nxt = u - f / slope
+        if not nxt < u:  # no further descent: converged (or rounding noise at the root)
             break
-        g = nxt
+        u = nxt
+    g = u / s
+    if not math.isfinite(g):
+        raise ValueError(
+            f"sigma_rel={sigma_rel!r} is too small: its exponent gamma (about 1/sigma_rel) is "
+            "not a finite float; a width this small is the live weights (decay 0)"
+        )
     return g
 
 

@@ -93,6 +93,17 @@ class Timeline:
         self.last_update_step = 0
         self.num_updates = 0
         self.last_decays: tuple[float, ...] | None = None
+        frozen = [
+            n for n, s in zip(self.names, self.schedules) if s.kind == "constant" and s(1) == 1
+        ]
+        if frozen:
+            warn(
+                f"decay 1.0 (averages {frozen}): such an average never moves from the live "
+                "weights it starts from (avg <- 1.0*avg + 0.0*live); pass a decay below 1, e.g. "
+                "0.999",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def plan(self, steps: int = 1) -> Plan:
         """The decays to apply after ``steps`` more optimizer steps (none when not due).

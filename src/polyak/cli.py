@@ -133,11 +133,16 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
 
 
 def _run_errors(command: str) -> tuple[type[Exception], ...]:
-    """The user errors a command can only find while it runs: a corrupt snapshot file."""
+    """The user errors a command can only find while it runs: a corrupt snapshot file, a
+    learning rate so large that training diverges."""
     if command == "posthoc":
         from polyak.posthoc import StoreError
 
         return (StoreError,)
+    if command == "study":
+        from polyak.study.config import TrainingDiverged
+
+        return (TrainingDiverged,)
     return ()
 
 

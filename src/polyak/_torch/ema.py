@@ -185,13 +185,19 @@ class EMA(TimelineViews):
             )
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        device = None if device is None else torch.device(device)
+        if device is not None and device.type == "meta":
+            raise ValueError(
+                "device='meta': averages on the meta device hold no data and could never be "
+                "read; pass device=None (each tensor's own device) or a real device"
+            )
         self._timeline = Timeline(decay, update_every=update_every, start_step=start_step)
         self._policy = Policy(
             buffers,
             include,
             exclude,
             dtype,
-            None if device is None else torch.device(device),
+            device,
             flat_params,
             compile_update,
             seed if stochastic_rounding else None,

@@ -20,11 +20,68 @@ _WATCHES: weakref.WeakSet[Watch] = weakref.WeakSet()
 _HOOKS: list[Any] = []
 
 
-def _on_registration(module: nn.Module, name: str, value: Any) -> None:
-    key = id(module)
+def _mark(key: int) -> None:
     for watch in list(_WATCHES):
         if key in watch.modules:
             watch.stale = True
+
+
+def _on_registration(module: nn.Module, name: str, value: Any) -> None:
+    _mark(id(module))
+
+
+class _WatchedDict(dict):
+    """A watched module's ``_parameters`` / ``_buffers``. Registration hooks do not see a tensor
+    set to ``None`` (``module.bias = None``) or deleted (``del module.weight``); this dict marks
+    the module's watches stale when that happens, at no cost otherwise. A tensor stored directly
+    (FSDP2 swapping its sharded and unsharded parameters at every step) marks nothing: the
+    registration hooks and storage weakrefs see what matters there. Copies and pickles of the
+    module get a plain dict (``__reduce__``), so nothing of polyak travels with a saved or
+    deep-copied model."""
+
+    __slots__ = ("_key",)
+    _key: int
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if value is None:
+            _mark(self._key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        _mark(self._key)
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        _mark(self._key)
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        _mark(self._key)
+        return super().popitem()
+
+    def clear(self) -> None:
+        _mark(self._key)
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        _mark(self._key)
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        _mark(self._key)
+        return super().setdefault(key, default)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+def _watch_dicts(module: nn.Module) -> None:
+    for attr in ("_parameters", "_buffers"):
+        d = module.__dict__.get(attr)
+        if type(d) is dict:
+            watched = _WatchedDict(d)
+            watched._key = id(module)
+            module.__dict__[attr] = watched
 
 
 def _install_hooks() -> None:
@@ -42,6 +99,8 @@ class Watch:
     def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: dict[int, Any]):
         _install_hooks()
         self.modules = frozenset(id(m) for m in root.modules())
+        for m in root.modules():
+            _watch_dicts(m)
         self.stale = False
         owned_set = set(owned)
         self._refs: list[weakref.ref] = []

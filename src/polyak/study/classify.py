@@ -26,7 +26,7 @@ from torch import nn
 
 import polyak
 from polyak import metrics, schedules
-from polyak.study.config import StudyConfig
+from polyak.study.config import StudyConfig, TrainingDiverged
 from polyak.study.data import Dataset
 from polyak.study.models import make_model
 from polyak.study.posthoc_sweep import Sweep
@@ -149,11 +149,13 @@ def _train(
             with ema.swapped(model, name=name):
                 record(name, model)
 
-    for _ in range(cfg.epochs):
+    for epoch in range(1, cfg.epochs + 1):
         model.train()
         total_loss = 0.0
         for idx in torch.randperm(len(split.x_train), generator=gen).split(cfg.batch_size):
             loss = nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+            if not math.isfinite(value := loss.item()):
+                raise TrainingDiverged.at(value, epoch, seed, cfg.lr, f"the {cfg.model} classifier")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,7 +163,7 @@ def _train(
             ema.update()
             if sweep is not None:
                 sweep.update()
-            total_loss += loss.item() * len(idx)
+            total_loss += value * len(idx)
         train_loss.append(total_loss / len(split.x_train))
 
         def record(name: str, m: nn.Module) -> None:

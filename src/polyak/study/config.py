@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DATASETS", "TASKS", "StudyConfig", "add_arguments", "config_from_args"]
+__all__ = [
+    "DATASETS",
+    "TASKS",
+    "StudyConfig",
+    "TrainingDiverged",
+    "add_arguments",
+    "config_from_args",
+]
 
 DATASETS = ("auto", "fashion-mnist", "digits")
 """Classification sets the study trains on (``auto``: Fashion-MNIST if installed, else digits)."""
 TASKS = ("default", "rul")
 """``default``: classification with label noise and the diabetes regression; ``rul``: remaining
 useful life on the user's NASA C-MAPSS files (:mod:`polyak.study.rul`)."""
+
+
+class TrainingDiverged(ValueError):
+    """A training run of the study met an inf/nan loss (a learning rate too large for the
+    model): the study stops there, and the command says so in one line."""
+
+    @classmethod
+    def at(cls, loss: float, epoch: int, seed: int, lr: float, what: str) -> TrainingDiverged:
+        return cls(
+            f"training diverged: the loss of {what} (seed {seed}) became {loss} in epoch "
+            f"{epoch}; lower --lr (it is {lr:g})"
+        )
+
 
 # Fields that define the protocol the goals were set for (the rest only say where and how fast).
 _PROTOCOL = (
@@ -225,6 +246,18 @@ def _resolved_rul(cfg: StudyConfig) -> StudyConfig:
     return cfg
 
 
+def _finite_float(text: str) -> float:
+    """A float flag's value: a finite number (``inf`` and ``nan`` parse as floats but no flag
+    of the study means anything with them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per :class:`StudyConfig` field. A flag not given is left out of the
     parsed arguments (the dataclass holds the defaults), so that :func:`config_from_args` knows
@@ -239,10 +272,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif str(f.type).startswith("tuple"):
-            kw.update(type=float, nargs="+")
+            kw.update(type=_finite_float, nargs="+")
             default = " ".join(map(str, default))
         else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            kw["type"] = {"int": int, "float": _finite_float}.get(str(f.type).split(" ")[0], str)
         parser.add_argument(flag, help=f"{helptext} (default: {default})", **kw)
 
 

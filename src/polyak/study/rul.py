@@ -137,6 +137,7 @@ def train_rul_seed(
         history = polyak.train_with_ema(
             model, train, val, optimizer, nn.MSELoss(), 1, ema=ema, metrics={"rmse": rmse},
             early_stopping=stopper, final_weights="live", progress=False,
+            nonfinite_loss="continue",  # a diverged run is reported (NaN RMSE), not cut short
         )  # fmt: skip
         for c, label in labels.items():
             key = "val_rmse" if c == LIVE else f"val_rmse_{label}"

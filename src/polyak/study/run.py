@@ -146,8 +146,12 @@ def _execute(jobs: list[tuple[Any, ...]], workers: int) -> Iterator[tuple[Any, .
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
         # the longest jobs first, so that the two workers finish together
         futures = [pool.submit(_job, j) for j in sorted(jobs, key=lambda j: j[0] != "cls")]
-        for future in as_completed(futures):
-            yield future.result()
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:  # a failed job ends the study now, not after the queued ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:

@@ -43,16 +43,22 @@ def train_epoch(
     forward: Forward | None,
     dev: torch.device | None,
     bar: Progress,
-) -> float:
-    """One pass over ``loader``; returns the size-weighted mean training loss."""
+    check_loss: bool = False,
+) -> tuple[float, int | None]:
+    """One pass over ``loader``: the size-weighted mean training loss, and with ``check_loss``
+    the 1-based index of the batch whose loss was not finite (the pass stopped there, before
+    its backward: the weights are those of the last step), else ``None``."""
     model.train()
     total, seen = accumulator(dev), 0
     micro, group_rows, summed = 0, 0, False
-    for batch in loader:
+    for index, batch in enumerate(loader, 1):
         batch = to_device(batch, dev)
         outputs, target = run_forward(model, batch, forward)
         target = need_target(target, batch)
         loss = criterion(outputs, target)
+        if check_loss and not bool(torch.isfinite(loss.detach()).all()):  # one host sync
+            optimizer.zero_grad(set_to_none=True)  # the group's partial gradients go too
+            return (float(total) / seen if seen else float("nan")), index
         s, n = loss_sum(loss, num_rows(outputs, target), criterion)
         total += s.detach().to(total.dtype)
         seen += n
@@ -71,7 +77,7 @@ def train_epoch(
         _step(optimizer, ema, scheduler, None if summed else group_rows)
     if seen == 0:
         raise ValueError("train_loader yielded no sample")
-    return float(total) / seen
+    return float(total) / seen, None
 
 
 def _step(optimizer: torch.optim.Optimizer, ema: EMA, scheduler: Any, rows: int | None) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from polyak._torch.ema import EMA
 from polyak._torch.naming import unwrap
+from polyak.errors import NonFiniteError
 from polyak.workflows._common import (
     Forward,
     check_count,
@@ -30,6 +31,7 @@ from polyak.workflows.progress import Progress
 __all__ = ["train_with_ema"]
 
 _FINAL = ("average", "live", "best")
+_NONFINITE_LOSS = ("stop", "raise", "continue")
 
 
 def _labels(ema: EMA) -> dict[str, str]:
@@ -60,6 +62,7 @@ def train_with_ema(
     final_weights: str = "average",
     progress: bool | None = None,
     forward: Forward | None = None,
+    nonfinite_loss: Literal["stop", "raise", "continue"] = "stop",
 ) -> dict[str, list[float]]:
     """Train ``model`` with its live weights, keep averages of them, evaluate both every epoch.
 
@@ -119,6 +122,13 @@ def train_with_ema(
             the live weights stay, with a warning.
         progress: draw a progress bar on stderr; ``None`` (default) draws only on a terminal.
         forward: ``forward(model, batch) -> (outputs, targets)`` for other batch layouts.
+        nonfinite_loss: what a batch whose loss is inf/nan does, found before its backward pass
+            (one host sync per batch; nothing on a CPU): ``"stop"`` (default) ends training
+            there with a warning naming the epoch and batch: that epoch is evaluated and
+            recorded (its ``train_loss`` over the batches before), and the live weights and
+            the averages are those of the last optimizer step, all finite; ``"raise"`` raises
+            :class:`polyak.NonFiniteError` with the same weights; ``"continue"`` trains on
+            (the old behaviour: one inf/nan step makes every later weight inf/nan).
 
     Returns:
         The history, ``{key: [one value per epoch]}``. With several averages every
@@ -153,6 +163,10 @@ def train_with_ema(
     bn_batches = check_count(bn_batches, "bn_batches", allow_none=True)
     fns = check_metrics(metrics)
     check_forward(forward)
+    if nonfinite_loss not in _NONFINITE_LOSS:
+        raise ValueError(
+            f"nonfinite_loss must be one of {list(_NONFINITE_LOSS)}, got {nonfinite_loss!r}"
+        )
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(
             f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
@@ -219,10 +233,24 @@ def train_with_ema(
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(1, epochs + 1):
         bar = Progress(length(train_loader), f"epoch {epoch}/{epochs}", progress)
-        train_loss = train_epoch(
+        train_loss, bad_batch = train_epoch(
             model, train_loader, optimizer, criterion, ema, accumulation_steps, per_step,
-            forward, dev, bar,
+            forward, dev, bar, nonfinite_loss != "continue",
         )  # fmt: skip
+        if bad_batch is not None:
+            where = (
+                f"the loss of batch {bad_batch} of epoch {epoch} is not finite; the weights are "
+                f"those of optimizer step {ema.step}"
+            )
+            if nonfinite_loss == "raise":
+                bar.close(f"epoch {epoch}/{epochs}: non-finite loss at batch {bad_batch}")
+                raise NonFiniteError(f"train_with_ema: {where}", ["loss"])
+            warnings.warn(
+                f"train_with_ema stopped: {where}, all finite. Lower the learning rate, clip "
+                "the gradients or check the data; nonfinite_loss='continue' trains on",
+                UserWarning,
+                stacklevel=2,
+            )
         history["epoch"].append(epoch)
         history["steps"].append(ema.step)
         history["lr"].append(float(optimizer.param_groups[0]["lr"]))
@@ -252,7 +280,7 @@ def train_with_ema(
             scheduler.step(history["val_loss"][-1])
         elif scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
-        if early_stopping is not None and early_stopping.end_epoch():
+        if bad_batch is not None or (early_stopping is not None and early_stopping.end_epoch()):
             break
     for m, flag in flags:
         m.training = flag

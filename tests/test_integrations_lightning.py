@@ -381,6 +381,7 @@ def test_the_checkpoint_entry_is_checked_against_its_schema():
             check_entry(bad, "x.ckpt", 3)
 
 
+@pytest.mark.slow
 def test_a_state_that_does_not_load_is_a_checkpoint_error_and_changes_nothing():
     cb = EMACallback(0.9)
     model = Regression()

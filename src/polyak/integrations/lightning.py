@@ -283,7 +283,7 @@ class EMACallback(pl.Callback):
                 return {}
             return make_entry(self._avg.pending, self._loaded_step)
         if self._trainer is None:
-            raise RuntimeError("EMACallback.state_dict() is taken by a Trainer, in a checkpoint")
+            raise RuntimeError("EMACallback.state_dict(): no Trainer has set this callback up")
         state = self._avg.checkpoint_state()  # Lightning calls this on every rank
         return {} if state is None else make_entry(state, self._trainer.global_step)
 

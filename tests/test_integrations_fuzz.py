@@ -9,8 +9,9 @@ special files), and resumes from it the way the callback does (:func:`read_own_f
 same state a naive reader of the same files loads); and in both cases nothing in or beside the
 folder changed (every file, link and special file compared before and after).
 
-Tiers: the fast run tries ``FAST`` cases per property (a few seconds in all); ``-m slow`` /
-``--all`` tries ``DEEP`` cases each.
+Tiers: the fast run tries ``FAST`` cases per property (316 in all: the special files have 16
+combinations; a few seconds); ``-m slow`` / ``--all`` tries ``DEEP`` cases each (5016).
+``--hypothesis-show-statistics`` shows how many cases were refused and how many loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -149,9 +150,11 @@ def _resume_from(folder: Path) -> None:
             saved = read_own_files(folder, RUN, STEP, at="the Trainer resumes at")
             load_checked(ema, saved.state, str(saved.path))
     except CheckpointError as e:
+        event("refused")
         assert str(folder) in str(e)  # named: the file (or the folder's field) in the message
         assert _states_equal(ema.state_dict(), before)  # all or nothing
     else:  # loaded from the folder's own regular files, and what they say
+        event("loaded")
         meta = json.loads((folder / JSON_NAME).read_text())
         for name in (JSON_NAME, meta["tensors"]):
             real = (folder / name).resolve()
@@ -494,9 +497,11 @@ def _entry_case(edits: list[tuple]) -> None:
         checked = check_entry(entry, _WHERE, STEP)
         load_checked(target, checked["ema"], f"{_WHERE}['ema']")
     except CheckpointError as e:
+        event("refused")
         assert str(e).startswith(_WHERE)
         assert _states_equal(target.state_dict(), before)
     else:
+        event("loaded")
         reference = polyak.EMA(_model(), DECAY)
         reference.load_state_dict(entry["ema"])
         assert _states_equal(target.state_dict(), reference.state_dict())

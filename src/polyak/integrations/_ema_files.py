@@ -112,11 +112,13 @@ def _remove_old_tensors(directory: Path, keep: str) -> None:
     checked again when removed (a file or a symlink, never a directory); a symlink is removed,
     not what it points to. A failure leaves the file for the next save to remove."""
     with os.scandir(directory) as entries:
-        old = [e for e in entries if e.name != keep and TENSORS.fullmatch(e.name)]
-    for entry in old:
+        old = [e.name for e in entries if e.name != keep and TENSORS.fullmatch(e.name)]
+    for name in old:
+        path = directory / name  # a listed name of the pattern: plain, inside the folder
         try:
-            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+            mode = os.lstat(path).st_mode  # now, not when listed
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                os.unlink(path)
         except OSError:
             pass  # the new state is already committed; an orphan is harmless
 

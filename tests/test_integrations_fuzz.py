@@ -430,8 +430,8 @@ def _special(folder: Path, case: tuple) -> None:
     elif kind == "link in":  # inside the folder: allowed
         shutil.copy(outside, folder / "inside.copy")
         path.symlink_to("inside.copy")
-    elif kind == "dev/zero":
-        path.symlink_to("/dev/zero")
+    elif kind == "device":  # /dev/zero would be read forever; every system has os.devnull
+        path.symlink_to(os.devnull)
     elif kind == "fifo":
         os.mkfifo(path)
     elif kind == "directory":
@@ -448,7 +448,7 @@ test_fuzz_special_files, test_fuzz_special_files_deep = _tiers(
                 "link out",
                 "relative link out",
                 "link in",
-                "dev/zero",
+                "device",
                 "fifo",
                 "directory",
                 "dangling",

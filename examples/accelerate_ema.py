@@ -8,6 +8,14 @@ accumulation), evaluate inside ``ema.swapped(...)``, and register it with
 average and its schedule position. The script stops halfway, saves, rebuilds everything from
 scratch, loads the state, finishes, and checks that the result equals an uninterrupted run.
 
+Accelerate writes the EMA's state with ``torch.save`` (``custom_checkpoint_0.pkl``) and reads it
+back with ``torch.load(weights_only=False)`` (``load_custom_state`` in Accelerate's
+``checkpointing.py``): loading a state folder unpickles it, which can run code, so load only
+folders you wrote. ``EMA.load_state_dict`` then checks every field and tensor (a bad state is a
+named error and changes nothing). To load without unpickling, save ``ema.state_dict()`` beside
+the folder yourself (``torch.save``) and read it with ``torch.load(..., weights_only=True)``:
+the state dict is plain tensors and Python data.
+
     python examples/accelerate_ema.py            # ~10 s on 2 CPU cores
     python examples/accelerate_ema.py --fast     # a few seconds (used by the tests)
 """

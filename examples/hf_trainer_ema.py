@@ -5,8 +5,9 @@ A 2-layer GPT-2 built from a config (nothing is downloaded) learns sequences tha
 random step modulo 64. ``EMACallback(evaluate="both")`` updates the average once per optimizer
 step (``gradient_accumulation_steps=2``) and reports ``eval_loss`` and ``eval_ema_loss`` at each
 evaluation; every ``checkpoint-N/`` holds the EMA state. The script then resumes a second run
-from the middle checkpoint and checks that its average equals the uninterrupted one, and writes
-the average with ``cb.save_pretrained`` for ``from_pretrained``.
+from the middle checkpoint and checks that its average equals the uninterrupted one, shows that
+EMA files copied in from another checkpoint are refused (they belong to another step), and
+writes the average with ``cb.save_pretrained`` for ``from_pretrained``.
 
     python examples/hf_trainer_ema.py            # ~20 s on 2 CPU cores
     python examples/hf_trainer_ema.py --fast     # a few seconds (used by the tests)
@@ -15,6 +16,7 @@ the average with ``cb.save_pretrained`` for ``from_pretrained``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+import polyak
 from polyak.integrations.transformers import EMACallback
 
 
@@ -112,6 +115,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         print(f"resumed from {middle.name}: largest difference from the uninterrupted average")
         print(f"  {diff:.3g} (the EMA state lives in {middle.name}/polyak_ema.*)")
+
+        # the last checkpoint's EMA files copied over the middle one's: refused, not resumed
+        last = out / "whole" / f"checkpoint-{steps}"
+        for f in middle.glob("polyak_ema*"):
+            f.unlink()
+        for f in last.glob("polyak_ema*"):
+            shutil.copy(f, middle)
+        try:
+            run(out / "whole", steps, resume=middle)
+            raise SystemExit("EMA files of another checkpoint were resumed")
+        except polyak.CheckpointError as e:
+            reason = str(e).split(": ", 1)[1].split(": ")[0]  # after the file, the first clause
+            print(f"EMA files of {last.name} copied into {middle.name}: refused ({reason})")
 
         cb.save_pretrained(out / "average")
         model = AutoModelForCausalLM.from_pretrained(out / "average")

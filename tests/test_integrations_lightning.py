@@ -17,6 +17,8 @@ from torch import nn
 import polyak
 import reference
 from lightning_helpers import Record, Regression, data, trainer
+from polyak.errors import CheckpointError
+from polyak.integrations._checkpoint_entry import check_entry, make_entry
 from polyak.integrations.lightning import EMACallback
 
 VAL = data(1, batch_size=16, seed=1)  # one batch: the logged loss is one mse
@@ -125,7 +127,8 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(tmp_path, as_weights):
         _equal_states(_live(Regression.load_from_checkpoint(path)), saved["state_dict"])
     else:
         _equal_states(saved["state_dict"], _live(first))
-    assert entry["ema"]["timeline"]["step"] == 6
+    assert entry["ema"]["timeline"]["step"] == entry["global_step"] == saved["global_step"] == 6
+    assert (entry["format"], entry["version"]) == ("polyak EMACallback", 1)
     (tested,) = trainer(callbacks=[EMACallback(**options)]).test(
         Regression(), VAL, ckpt_path=path, verbose=False
     )  # a fresh callback evaluates the checkpoint's average
@@ -268,6 +271,7 @@ def test_a_bad_ema_argument_value_fails_at_fit_start_before_any_step():
     _equal_states(_live(model), before)
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_on_two_cpu_processes(tmp_path):
     """DDP: every rank holds the same average, and rank 0's checkpoint resumes in one process.
     FSDP2 through ModelParallelStrategy: the average of the sharded model (gathered) is the
@@ -322,5 +326,70 @@ def test_a_failed_average_as_weights_leaves_the_checkpoint_unchanged(monkeypatch
     with pytest.raises(RuntimeError, match="out of memory"):
         cb.on_save_checkpoint(fit, model, checkpoint)
     _equal_states(checkpoint["state_dict"], before["state_dict"])
-    assert checkpoint["callbacks"][cb.state_key].keys() == {"ema"}
+    assert checkpoint["callbacks"][cb.state_key].keys() == before["callbacks"][cb.state_key].keys()
     _equal_states(_live(model), before["state_dict"])  # the average was swapped back out
+
+
+@pytest.mark.slow
+def test_an_entry_grafted_from_another_checkpoint_is_refused(tmp_path):
+    """The callback's entry of the step-6 checkpoint put into the step-3 one (same run): fit,
+    validate and test from it are refused (an earlier version resumed step 6's average)."""
+    every = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    cb = EMACallback(0.9)
+    trainer(max_epochs=2, callbacks=[cb, every], enable_checkpointing=True).fit(
+        Regression(), data(3)
+    )
+    early = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    late = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
+    assert (early["global_step"], late["global_step"]) == (3, 6)
+    early["callbacks"][cb.state_key] = late["callbacks"][cb.state_key]
+    grafted = tmp_path / "grafted.ckpt"
+    torch.save(early, grafted)
+    match = (
+        r"grafted.ckpt: callbacks\[.*\]: the EMA state was taken at global step 6, but the "
+        r"checkpoint is at global step 3"
+    )
+    resumed = EMACallback(0.9)
+    with pytest.raises(CheckpointError, match=match):
+        trainer(max_epochs=3, callbacks=[resumed]).fit(Regression(), data(3), ckpt_path=grafted)
+    assert resumed.ema is None or resumed.ema.step == 0
+    with pytest.raises(CheckpointError, match=match):
+        trainer(callbacks=[EMACallback(0.9)]).test(Regression(), VAL, ckpt_path=grafted)
+
+
+def test_the_checkpoint_entry_is_checked_against_its_schema():
+    ema = polyak.EMA(Regression(), 0.9)
+    good = make_entry(ema.state_dict(), 3)
+    assert check_entry(good, "x.ckpt", 3) is good
+    assert check_entry({**good, "live_state_dict": {"w": torch.ones(1)}}, "x.ckpt", None)
+    for bad, match in [
+        ([], "expected a dict, got list"),
+        ({"ema": good["ema"]}, "not a 'polyak EMACallback' entry of version 1"),
+        ({**good, "version": 2}, "of version 1"),
+        ({**good, "extra": 1}, r"\['extra'\] unknown"),
+        ({k: v for k, v in good.items() if k != "global_step"}, r"\['global_step'\] are missing"),
+        ({**good, "global_step": -1}, "'global_step' must be an int >= 0, got -1"),
+        ({**good, "global_step": True}, "'global_step' must be an int >= 0, got True"),
+        (
+            {**good, "global_step": 4},
+            "taken at global step 4, but the checkpoint is at global step 3",
+        ),
+        ({**good, "ema": [1]}, "'ema' must be a dict"),
+        ({**good, "live_state_dict": {"w": 1.0}}, "'live_state_dict' must map tensor names"),
+    ]:
+        with pytest.raises(CheckpointError, match=rf"^x.ckpt: .*{match}"):
+            check_entry(bad, "x.ckpt", 3)
+
+
+@pytest.mark.slow
+def test_a_state_that_does_not_load_is_a_checkpoint_error_and_changes_nothing():
+    cb = EMACallback(0.9)
+    model = Regression()
+    fit = trainer(max_epochs=1, callbacks=[cb])
+    fit.fit(model, data(2))
+    before = {k: v.clone() for k, v in cb.ema.averaged_tensors().items()}
+    entry = cb.state_dict()
+    entry["ema"] = {**entry["ema"], "copied": {}}  # a tensor missing
+    with pytest.raises(CheckpointError, match=r"\['ema'\]: the saved EMA state does not load"):
+        cb.load_state_dict(entry)
+    _equal_states(cb.ema.averaged_tensors(), before)

@@ -3,9 +3,13 @@ polyak.EMA in Accelerate's checkpoints. Tiny GPT-2 built from a config, random t
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import pickle
+import shutil
+import uuid
 
 import numpy as np
 import pytest
@@ -16,13 +20,16 @@ from transformers import (
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
 from transformers.utils import logging as hf_logging
 
 import polyak
 import reference
-from polyak.integrations._ema_files import JSON_NAME, load_ema_files, save_ema_files
+from polyak.errors import CheckpointError
+from polyak.integrations._ema_files import JSON_NAME, read_ema_files, save_ema_files
+from polyak.integrations._identity import RECORD, read_own_files, recorded_run
 from polyak.integrations.transformers import EMACallback
 
 hf_logging.set_verbosity_error()
@@ -103,6 +110,7 @@ def _average_model(cb, name=None):
     return model
 
 
+@pytest.mark.slow
 def test_one_update_per_optimizer_step_several_averages_and_final_weights(tmp_path):
     decay = {"slow": 0.9, "fast": polyak.schedules.warmup(0.5)}
     rec, cb = Record(), EMACallback(decay, average="fast", final_weights="slow")
@@ -134,6 +142,7 @@ def test_one_update_per_optimizer_step_several_averages_and_final_weights(tmp_pa
     assert metrics["eval_loss"] == plain["eval_loss"]
 
 
+@pytest.mark.slow
 def test_evaluation_runs_on_the_average_and_training_never_sees_it(tmp_path):
     periodic = {"eval_strategy": "steps", "eval_steps": 2, "eval_on_start": True}
     without = hf_trainer(tmp_path / "a", **periodic)
@@ -162,7 +171,21 @@ def test_evaluation_runs_on_the_average_and_training_never_sees_it(tmp_path):
     _equal_states(_live(trainer.model), _live(without.model))
 
 
-def test_checkpoints_hold_the_ema_and_a_resumed_run_matches(tmp_path):
+def _move_ema_files(source, target):
+    """Replace ``target``'s EMA files with copies of ``source``'s (what a user copying a
+    checkpoint's files around does)."""
+    for f in target.glob("polyak_ema*"):
+        f.unlink()
+    for f in source.glob("polyak_ema*"):
+        shutil.copy(f, target)
+
+
+def test_checkpoints_hold_the_ema_a_resumed_run_matches_and_files_of_another_step_are_refused(
+    tmp_path,
+):
+    """The one fast Trainer run: save, resume bit for bit, and the files of checkpoint-6 copied
+    into checkpoint-3 refused (they loaded on an earlier version: step 9 where the Trainer was
+    at 6)."""
     saving = {"save_strategy": "steps", "save_steps": 3}
     whole = EMACallback(polyak.schedules.warmup(0.9))
     first = hf_trainer(tmp_path, [whole], **saving)
@@ -170,9 +193,9 @@ def test_checkpoints_hold_the_ema_and_a_resumed_run_matches(tmp_path):
     meta = json.loads((tmp_path / "checkpoint-3" / JSON_NAME).read_text())
     assert (tmp_path / "checkpoint-3" / meta["tensors"]).is_file()
     assert meta["state"]["timeline"]["step"] == 3
-    saved, run = load_ema_files(tmp_path / "checkpoint-6")
-    _equal_states(saved["averages"]["warmup(0.9)"], whole.ema.averaged_tensors())
-    assert run == meta["run"]
+    saved = read_ema_files(tmp_path / "checkpoint-6")
+    _equal_states(saved.state["averages"]["warmup(0.9)"], whole.ema.averaged_tensors())
+    assert saved.run == meta["run"] and (saved.global_step, meta["global_step"]) == (6, 3)
 
     resumed = EMACallback(polyak.schedules.warmup(0.9))
     again = hf_trainer(tmp_path, [resumed], **saving)
@@ -184,8 +207,98 @@ def test_checkpoints_hold_the_ema_and_a_resumed_run_matches(tmp_path):
     ]
     assert max(diffs) == 0.0  # CPU, deterministic: bit for bit
     _equal_states(_live(again.model), _live(first.model))
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["EMACallback"]["attributes"][RECORD] == meta["run"]
+
+    _move_ema_files(tmp_path / "checkpoint-6", tmp_path / "checkpoint-3")
+    late = EMACallback(polyak.schedules.warmup(0.9))
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint-3/polyak_ema.json: the EMA state was saved at global step 6, but the "
+        r"Trainer resumes at global step 3: .* resume from checkpoint-6",
+    ):
+        hf_trainer(tmp_path, [late], **saving).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-3")
+        )
+    assert late.ema.step == 0  # nothing loaded
 
 
+@pytest.mark.slow
+def test_ema_files_of_another_run_are_refused(tmp_path):
+    saving = {"save_strategy": "steps", "save_steps": 3, "max_steps": 3}
+    runs = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        hf_trainer(out, [EMACallback(0.9)], **saving).train()
+        runs.append(read_ema_files(out / "checkpoint-3").run)
+    assert runs[0] != runs[1]
+    _move_ema_files(tmp_path / "b" / "checkpoint-3", tmp_path / "a" / "checkpoint-3")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"saved by run {runs[1]}, but this checkpoint belongs to run {runs[0]} "
+        r"\(trainer_state.json\): the EMA files were copied in from another run",
+    ):
+        hf_trainer(tmp_path / "a", [EMACallback(0.9)], **saving).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.slow
+def test_restore_callback_states_from_checkpoint_keeps_the_callback_given(tmp_path):
+    """With restore_callback_states_from_checkpoint=True the Trainer replaces each stateful
+    callback by one built from trainer_state.json; the stand-in gives the place back."""
+    saving = {
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "restore_callback_states_from_checkpoint": True,
+    }
+    whole = EMACallback({"slow": 0.9, "fast": 0.5})
+    hf_trainer(tmp_path, [whole], **saving).train()
+    cb = EMACallback({"slow": 0.9, "fast": 0.5})
+    trainer = hf_trainer(tmp_path, [cb], **saving)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert [c for c in trainer.callback_handler.callbacks if isinstance(c, EMACallback)] == [cb]
+    assert trainer.callback_handler.callbacks[-1] is cb  # where the Trainer put its stand-in
+    assert cb.ema.step == 6
+    for name in whole.ema.names:
+        _equal_states(cb.ema.averaged_tensors(name), whole.ema.averaged_tensors(name))
+    late = hf_trainer(tmp_path, **saving)  # added after the Trainer was built: nothing to hand to
+    late.add_callback(EMACallback({"slow": 0.9, "fast": 0.5}))
+    with pytest.raises(ValueError, match="rather than add_callback"):
+        late.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_one_ema_callback_per_trainer(tmp_path):
+    with pytest.raises(ValueError, match="one EMACallback per Trainer"):
+        hf_trainer(tmp_path, [EMACallback(0.9), EMACallback(0.5)])
+
+
+def test_the_run_kept_in_trainer_state_is_checked_before_use(tmp_path):
+    cb = EMACallback(0.9)
+    state = TrainerState(stateful_callbacks=[cb])  # what the Trainer saves in trainer_state.json
+    where = "checkpoint-3/trainer_state.json"
+    assert (
+        recorded_run(state.stateful_callbacks, "EMACallback", where)
+        == cb.state()["attributes"][RECORD]
+    )
+    for bad, match in [
+        ({}, "records no EMACallback under 'stateful_callbacks'"),
+        ({"EMACallback": {"args": {}}}, "attributes.polyak_run' must be the run identity"),
+        ({"EMACallback": [cb.state(), cb.state()]}, "must be the run identity"),
+        ({"EMACallback": {"attributes": {RECORD: "../x"}}}, "must be the run identity"),
+        ([], "records no EMACallback"),
+    ]:
+        with pytest.raises(CheckpointError, match=rf"^{where}.*{match}"):
+            recorded_run(bad, "EMACallback", where)
+
+    ema = polyak.EMA(gpt2(), 0.9)
+    run = uuid.uuid4().hex
+    save_ema_files(tmp_path, ema.state_dict(), run=run, global_step=3)
+    assert read_own_files(tmp_path, run, 3, at="x").run == run
+    with pytest.raises(CheckpointError, match="saved by run .* copied in from another run"):
+        read_own_files(tmp_path, uuid.uuid4().hex, 3, at="x")
+    with pytest.raises(CheckpointError, match="saved at global step 3, but x global step 4"):
+        read_own_files(tmp_path, run, 4, at="x")
+
+
+@pytest.mark.slow
 def test_the_best_checkpoint_by_the_averaged_loss_brings_its_average_back(tmp_path):
     cb = EMACallback(0.5, evaluate="both")
     trainer = hf_trainer(
@@ -205,11 +318,12 @@ def test_the_best_checkpoint_by_the_averaged_loss_brings_its_average_back(tmp_pa
     }
     assert best.endswith(f"checkpoint-{min(losses, key=losses.get)}")
     assert int(best.rsplit("-", 1)[1]) < 6  # not the last: the final average was replaced
-    saved, _ = load_ema_files(best)
-    _equal_states(cb.ema.averaged_tensors(), saved["averages"]["0.5"])
+    saved = read_ema_files(best)
+    _equal_states(cb.ema.averaged_tensors(), saved.state["averages"]["0.5"])
     assert cb.ema.step == int(best.rsplit("-", 1)[1])
 
 
+@pytest.mark.slow
 def test_resuming_without_or_with_damaged_ema_files_is_a_named_error(tmp_path):
     first = hf_trainer(tmp_path, [EMACallback(0.9)], save_strategy="steps", save_steps=3)
     first.train()
@@ -218,17 +332,18 @@ def test_resuming_without_or_with_damaged_ema_files_is_a_named_error(tmp_path):
     data = bytearray(tensors.read_bytes())
     data[-1] ^= 1
     tensors.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{tensors.name} does not match the checksum"):
+    with pytest.raises(CheckpointError, match=rf"{tensors.name} does not match the field 'sha256'"):
         hf_trainer(tmp_path, [EMACallback(0.9)]).train(resume_from_checkpoint=str(step3))
     (tmp_path / "checkpoint-6" / JSON_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"checkpoint-6/{JSON_NAME} is missing"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint-6/{JSON_NAME} is missing"):
         hf_trainer(tmp_path, [EMACallback(0.9)]).train(resume_from_checkpoint=True)
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_files_loadable(tmp_path, monkeypatch):
     model = gpt2()
     ema = polyak.EMA(model, {"a": 0.9, "b": 0.5})
-    save_ema_files(tmp_path, ema.state_dict(), "run-1")
+    run1 = uuid.uuid4().hex
+    save_ema_files(tmp_path, ema.state_dict(), run=run1, global_step=0)
     first = {n: {k: v.clone() for k, v in ema.averaged_tensors(n).items()} for n in ema.names}
     with torch.no_grad():
         for p in model.parameters():
@@ -243,19 +358,20 @@ def test_a_save_that_fails_midway_leaves_the_previous_files_loadable(tmp_path, m
 
     monkeypatch.setattr(os, "replace", fail_on_the_json)
     with pytest.raises(OSError, match="disk full"):
-        save_ema_files(tmp_path, ema.state_dict(), "run-2")
+        save_ema_files(tmp_path, ema.state_dict(), run=uuid.uuid4().hex, global_step=1)
     monkeypatch.undo()
-    state, run = load_ema_files(tmp_path)  # the first save, intact
-    assert run == "run-1" and state["timeline"]["step"] == 0
+    state, run, _, _ = read_ema_files(tmp_path)  # the first save, intact
+    assert run == run1 and state["timeline"]["step"] == 0
     for name, table in state["averages"].items():
         for k, v in table.items():
             assert torch.equal(v, first[name][k]), (name, k)
     assert not list(tmp_path.glob(".polyak_ema*"))  # no temporary file left
-    save_ema_files(tmp_path, ema.state_dict(), "run-3")  # the next save cleans up
+    save_ema_files(tmp_path, ema.state_dict(), run=run1, global_step=1)  # the next cleans up
     assert len(list(tmp_path.glob("polyak_ema.*.safetensors"))) == 1
-    assert load_ema_files(tmp_path)[0]["timeline"]["step"] == 1
+    assert read_ema_files(tmp_path).state["timeline"]["step"] == 1
 
 
+@pytest.mark.slow
 def test_save_pretrained_writes_the_average_that_from_pretrained_loads(tmp_path):
     cb = EMACallback(0.8)
     trainer = hf_trainer(tmp_path, max_steps=3)
@@ -302,7 +418,22 @@ def test_accelerate_save_state_and_load_state_carry_the_ema(tmp_path):
     saved = {n: {k: v.clone() for k, v in ema.averaged_tensors(n).items()} for n in ema.names}
     steps(accelerator, model, optimizer, ema, batches[3:])
 
+    # Accelerate unpickles custom_checkpoint_0.pkl (torch.load(weights_only=False)): an object
+    # that a weights_only load refuses reaches EMA.load_state_dict, which names it
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "state", bad)
+    state = torch.load(bad / "custom_checkpoint_0.pkl", weights_only=True)
+    state["timeline"]["step"] = datetime.date(2026, 1, 1)
+    torch.save(state, bad / "custom_checkpoint_0.pkl")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(bad / "custom_checkpoint_0.pkl", weights_only=True)
     accelerator2, model2, optimizer2, ema2, _ = setup()
+    fresh = {k: v.clone() for k, v in ema2.averaged_tensors("a").items()}
+    with pytest.raises(TypeError, match=r"step must be an int, got datetime.date\(2026, 1, 1\)"):
+        accelerator2.load_state(bad)
+    assert ema2.step == 0
+    _equal_states(ema2.averaged_tensors("a"), fresh)  # all or nothing
+
     accelerator2.load_state(tmp_path / "state")
     assert ema2.step == 3
     for n in ema.names:

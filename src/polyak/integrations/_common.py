@@ -19,9 +19,9 @@ from torch import nn
 
 from polyak import EMA
 from polyak._timeline import parse_decays
-from polyak.errors import SwappedStateDictWarning
+from polyak.errors import CheckpointError, SwappedStateDictWarning
 
-__all__ = ["EVALUATE", "Averaging", "rng_untouched", "state_dict_of_average"]
+__all__ = ["EVALUATE", "Averaging", "load_checked", "rng_untouched", "state_dict_of_average"]
 
 EVALUATE = ("average", "live", "both")
 _EMA_ARGS = tuple(p for p in inspect.signature(EMA).parameters if p not in ("model", "decay"))
@@ -79,6 +79,7 @@ class Averaging:
         self.label = "ema" if len(names) == 1 else f"ema[{average}]"
         self.ema: EMA | None = None
         self.pending: Mapping[str, Any] | None = None  # loaded before the EMA was built
+        self._pending_source = ""
         self._steps = 0  # optimizer steps taken since the last update
         self._hooks: list[Any] = []
 
@@ -87,17 +88,18 @@ class Averaging:
         """A new EMA of ``model``'s weights as they are now, with the pending state loaded."""
         ema = EMA(model, self.decay, **self.ema_kwargs)
         if self.pending is not None:
-            ema.load_state_dict(self.pending)  # checks everything before changing anything
+            load_checked(ema, self.pending, self._pending_source)
         self.ema, self.pending = ema, None
         self._steps = 0
         return ema
 
-    def load(self, state: Mapping[str, Any]) -> None:
-        """Load ``EMA.state_dict()`` output now, or when the EMA is built."""
+    def load(self, state: Mapping[str, Any], source: str) -> None:
+        """Load ``EMA.state_dict()`` output read from ``source`` (a file and field, for
+        messages) now, or when the EMA is built; see :func:`load_checked`."""
         if self.ema is None:
-            self.pending = state
+            self.pending, self._pending_source = state, source
         else:
-            self.ema.load_state_dict(state)
+            load_checked(self.ema, state, source)
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         """``EMA.state_dict()`` to checkpoint; under FSDP2 the full tensors, gathered by a
@@ -155,6 +157,21 @@ class Averaging:
         assert self.ema is not None
         name = self.average if self.final_weights == "average" else self.final_weights
         self.ema.copy_to(model, name=name)
+
+
+def load_checked(ema: EMA, state: Mapping[str, Any], source: str) -> None:
+    """``ema.load_state_dict(state)`` for a state read from a checkpoint: all or nothing, and a
+    state that does not load (another model, other averages, a bad field or tensor) is one
+    :class:`polyak.CheckpointError` naming ``source``, its cause chained."""
+    try:
+        ema.load_state_dict(state)  # checks everything before changing anything
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{source}: the saved EMA state does not load into this callback's EMA: {e}. Resume "
+            "with the model, decay and EMA arguments it was saved with"
+        ) from e
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from polyak.errors import CheckpointError
+from polyak.integrations._checkpoint_entry import check_entry, checkpoint_step, make_entry
 from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
 
 try:
@@ -54,7 +56,10 @@ class EMACallback(pl.Callback):
       the first update, when the live weights are evaluated.
     * ``state_dict`` / ``load_state_dict``: the whole ``EMA.state_dict()`` (schedule position
       included) in the checkpoint, so ``fit(ckpt_path=...)`` resumes bit for bit; under FSDP2 the
-      full tensors, gathered once per checkpoint.
+      full tensors, gathered once per checkpoint. The entry records the trainer's
+      ``global_step`` it was taken at; when a checkpoint is loaded, the entry is checked
+      against its schema and that step must equal the checkpoint's own ``global_step``
+      (an entry grafted from another checkpoint is a :class:`polyak.CheckpointError`).
     * ``on_save_checkpoint`` / ``on_load_checkpoint`` (``save_average_as_weights=True``): the
       checkpoint's ``state_dict`` holds the average, the live weights move into the callback's
       entry and are put back when ``fit`` resumes.
@@ -127,6 +132,9 @@ class EMACallback(pl.Callback):
         self._swapped = False
         self._averaged_pass = False  # inside the averaged pass of evaluate="both"
         self._wrapped: tuple[Any, _Run] | None = None  # (loop, its own run)
+        self._trainer: pl.Trainer | None = None  # the trainer of the current stage
+        self._loaded_step: int | None = None  # the global step of the pending state
+        self._checkpoint: tuple[str, int] | None = None  # (where, global_step) being loaded
 
     @property
     def ema(self) -> Any:
@@ -139,6 +147,7 @@ class EMACallback(pl.Callback):
 
     # ----------------------------------------------------------------- training
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if self._avg.evaluate == "both":
             self._wrap_evaluation(trainer, stage)
 
@@ -270,13 +279,22 @@ class EMACallback(pl.Callback):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.ema is None:
-            return {} if self._avg.pending is None else {"ema": self._avg.pending}
+            if self._avg.pending is None or self._loaded_step is None:
+                return {}
+            return make_entry(self._avg.pending, self._loaded_step)
+        if self._trainer is None:
+            raise RuntimeError("EMACallback.state_dict(): no Trainer has set this callback up")
         state = self._avg.checkpoint_state()  # Lightning calls this on every rank
-        return {} if state is None else {"ema": state}
+        return {} if state is None else make_entry(state, self._trainer.global_step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "ema" in state_dict:
-            self._avg.load(state_dict["ema"])
+        """Load an entry :meth:`state_dict` wrote, after checking its schema and, when
+        Lightning loads it from a checkpoint, that it was taken at the checkpoint's step."""
+        where, step = self._checkpoint or ("EMACallback.load_state_dict()", None)
+        self._checkpoint = None
+        entry = check_entry(state_dict, where, step)
+        self._avg.load(entry["ema"], f"{where}['ema']")
+        self._loaded_step = entry["global_step"]
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -292,14 +310,19 @@ class EMACallback(pl.Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        states = checkpoint.get("callbacks", {})
+        states = checkpoint.get("callbacks") or {}
         entry = states.get(self.state_key)
+        if entry is not None:  # checked before anything is used; load_state_dict follows
+            where = f"{trainer.ckpt_path or 'the checkpoint'}: callbacks[{self.state_key!r}]"
+            step = checkpoint_step(checkpoint, str(trainer.ckpt_path or "the checkpoint"))
+            check_entry(entry, where, step)
+            self._checkpoint = (where, step)
         if trainer.state.fn != "fit":
             return  # validate/test/predict(ckpt_path=...) evaluate what the checkpoint holds
         if entry is None:
             others = [k for k in states if k.startswith(type(self).__qualname__)]
             if others:
-                raise ValueError(
+                raise CheckpointError(
                     f"EMACallback: the checkpoint holds the state of {others}, not of this "
                     f"callback's averages {list(self._avg.names)}; resume with the same decay"
                 )

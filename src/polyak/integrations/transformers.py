@@ -9,16 +9,19 @@ With Accelerate alone no callback is needed: a :class:`polyak.EMA` has ``state_d
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
-from polyak.integrations._ema_files import load_ema_files, save_ema_files
+from polyak.integrations._ema_files import save_ema_files
+from polyak.integrations._identity import RECORD, read_own_files, recorded_run
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -27,8 +30,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 __all__ = ["EMACallback"]
 
+_ATTACHED = "_polyak_ema_callback"  # the trainer's attribute naming its EMACallback
 
-class EMACallback(TrainerCallback):
+
+class EMACallback(TrainerCallback, ExportableState):
     """Averages of the weights in the Hugging Face ``Trainer``, evaluated, saved and resumed.
 
     After every optimizer step the callback applies, to every tracked tensor of every average,
@@ -43,7 +48,8 @@ class EMACallback(TrainerCallback):
       evaluates between ``on_step_end`` and ``on_evaluate``).
     * ``on_train_begin``: builds the EMA on the model the Trainer trains (``trainer.model``:
       the module inside DDP, on its device, after checkpoint weights were loaded); when
-      resuming, loads the EMA state of that checkpoint; starts counting the optimizer's steps.
+      resuming, loads the EMA state of that checkpoint after checking that it belongs to it
+      (see *Resume identity*); starts counting the optimizer's steps.
     * ``on_step_end``: one update per optimizer step (``gradient_accumulation_steps`` respected;
       a step a gradient scaler skipped does not count).
     * ``evaluate()`` (direct, or periodic through ``eval_strategy``): on the average
@@ -53,12 +59,26 @@ class EMACallback(TrainerCallback):
       ``metric_for_best_model="ema_loss"`` and ``EarlyStoppingCallback`` see them. The
       weights are swapped (pointers, no copy) and always given back bit for bit; never swapped
       before the first update. ``predict()`` uses the average unless ``evaluate="live"``.
-    * ``on_save``: writes ``checkpoint-N/polyak_ema.safetensors`` (tensors) and
-      ``polyak_ema.json`` (step counters, schedule state, run identity, checksum) atomically
-      after the Trainer wrote the checkpoint.
+    * ``on_save``: writes ``checkpoint-N/polyak_ema.<hash>.safetensors`` (tensors) and
+      ``polyak_ema.json`` (step counters, schedule state, run identity, global step, size and
+      checksum) atomically after the Trainer wrote the checkpoint.
     * ``on_train_end``: with ``load_best_model_at_end``, loads the best checkpoint's EMA as
       well; then copies an average into the model if ``final_weights`` asks (so
       ``trainer.save_model()`` saves it).
+
+    Resume identity: the callback is an ``ExportableState``, so the Trainer keeps its
+    :meth:`state` (the run identity, ``polyak_run``) in every checkpoint's
+    ``trainer_state.json`` under ``stateful_callbacks``, written by the Trainer itself. Resuming
+    from ``checkpoint-N`` loads its EMA files only if they were saved at global step ``N`` (the
+    step the Trainer resumes at) by the run that ``trainer_state.json`` names: EMA files copied
+    in from another checkpoint of the run, or from another run, are a
+    :class:`polyak.CheckpointError` saying which, as are files that fail any check of
+    :mod:`polyak.files` (a name that is not the writer's plain pattern, a symlink leaving the
+    folder, a size or checksum that differs, a malformed field). With
+    ``restore_callback_states_from_checkpoint=True`` the Trainer rebuilds each stateful
+    callback from its saved arguments; this one keeps no arguments there (a schedule is not
+    JSON), so the rebuilt stand-in hands its place back to the instance given to the
+    ``Trainer`` and training goes on with it.
 
     Args:
         decay: a float, a schedule from :mod:`polyak.schedules`, or a sequence / dict of them
@@ -115,8 +135,12 @@ class EMACallback(TrainerCallback):
         self._attach(_find_trainer(self))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._trainer is None:  # added with trainer.add_callback()
-            self._attach(_find_trainer(self))
+        if self._trainer is None:  # added with trainer.add_callback(), or rebuilt by the Trainer
+            trainer = _find_trainer(self)
+            if RECORD in vars(self):
+                self._hand_back(trainer, args, state, control, **kwargs)
+                return
+            self._attach(trainer)
         trainer = self._trainer
         if trainer is None:
             raise RuntimeError(
@@ -127,7 +151,10 @@ class EMACallback(TrainerCallback):
         self._run = uuid.uuid4().hex
         if state.global_step > 0:  # resuming: the Trainer loaded this checkpoint's weights
             step_dir = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            self._load(self._resume or os.path.join(args.output_dir, step_dir))
+            directory = self._resume or os.path.join(args.output_dir, step_dir)
+            where = os.path.join(directory, "trainer_state.json")
+            run = recorded_run(state.stateful_callbacks, type(self).__name__, where)
+            self._load(directory, run, state.global_step, at="the Trainer resumes at")
         self._avg.count_steps(kwargs["optimizer"])
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -139,14 +166,26 @@ class EMACallback(TrainerCallback):
         saved = self._avg.checkpoint_state()  # on every rank: a collective under FSDP2
         if saved is not None and args.should_save:
             step_dir = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            save_ema_files(os.path.join(args.output_dir, step_dir), saved, self._run)
+            directory = os.path.join(args.output_dir, step_dir)
+            save_ema_files(directory, saved, run=self._run, global_step=state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._avg.release()
-        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            self._load(state.best_model_checkpoint)  # the Trainer just loaded its weights
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:  # the Trainer just loaded its weights
+            step = state.best_global_step
+            if not isinstance(step, int):  # a trainer_state.json written before the field
+                found = re.search(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)$", os.path.normpath(best))
+                step = int(found[1]) if found else -1
+            self._load(best, self._run, step, at="the best checkpoint is at")
         if self._trainer is not None:
             self._avg.finish(self._trainer.model)
+
+    def state(self) -> dict[str, Any]:
+        """What the Trainer keeps of this callback in each checkpoint's ``trainer_state.json``
+        (``stateful_callbacks``, the ``ExportableState`` protocol): the run identity that the
+        checkpoint's EMA files must carry. No arguments: see *Resume identity* above."""
+        return {"args": {}, "attributes": {RECORD: self._run}}
 
     # ----------------------------------------------------------------- export
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
@@ -162,16 +201,43 @@ class EMACallback(TrainerCallback):
         model.save_pretrained(save_directory, state_dict=state, **kwargs)
 
     # ----------------------------------------------------------------- internals
-    def _load(self, directory: str | os.PathLike[str]) -> None:
-        state, run = load_ema_files(directory)
-        self._avg.load(state)
+    def _load(self, directory: str | os.PathLike[str], run: str, step: int, at: str) -> None:
+        """Load the EMA files of ``directory`` if they are those of ``run`` at ``step``."""
+        saved = read_own_files(directory, run, step, at=at)
+        self._avg.load(saved.state, str(saved.path))
         self._run = run
+
+    def _hand_back(self, trainer: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """This instance was built by the Trainer from ``trainer_state.json``
+        (``restore_callback_states_from_checkpoint=True``) in place of the one the Trainer was
+        given: put that one back in its place and let it begin."""
+        original = None if trainer is None else vars(trainer).get(_ATTACHED)
+        if not isinstance(original, EMACallback):
+            raise ValueError(
+                "restore_callback_states_from_checkpoint=True rebuilt EMACallback from "
+                "trainer_state.json, which keeps none of its arguments (a schedule is not JSON), "
+                "and no EMACallback given to Trainer(callbacks=[...]) can take its place back: "
+                "pass the callback to the Trainer's constructor rather than add_callback(), or "
+                "set restore_callback_states_from_checkpoint=False (the EMA is restored from its "
+                "own files either way)"
+            )
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[callbacks.index(self)] = original
+        original.on_train_begin(args, state, control, **kwargs)
 
     def _attach(self, trainer: Any) -> None:
         """Wrap the trainer's evaluate / predict / train (instance attributes)."""
         if trainer is None or trainer is self._trainer:
             return
+        other = vars(trainer).get(_ATTACHED)
+        if other is not None and other is not self and other in trainer.callback_handler.callbacks:
+            raise ValueError(
+                "one EMACallback per Trainer: both would write polyak_ema.json into each "
+                "checkpoint. Keep several averages in one callback, e.g. "
+                "EMACallback({'slow': 0.999, 'fast': 0.99})"
+            )
         self._trainer = trainer
+        vars(trainer)[_ATTACHED] = self
         evaluate, predict, train = trainer.evaluate, trainer.predict, trainer.train
 
         def evaluate_(

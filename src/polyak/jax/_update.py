@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from polyak.jax._handout import leaf_flags, raise_pending, traced
 from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, leaf_paths, not_an_array
 
 __all__ = ["update"]
@@ -74,13 +75,26 @@ def matching_leaves(state: EMAState, params: Any) -> list[Any]:
 def _lerp(avg: jax.Array, x: Any, weight: jax.Array) -> jax.Array:
     """``avg + weight * (x - avg)`` in the average's dtype, exact at both ends: ``weight = 1``
     gives ``x`` bit for bit, as ``torch.lerp`` does (for ``weight >= 0.5`` it computes
-    ``x - (1 - weight) * (x - avg)``)."""
+    ``x - (1 - weight) * (x - avg)``).
+
+    Finite inputs give a finite result: where ``x - avg`` overflows (float32 ``(-3e38, 3e38)``)
+    the same formula runs on the halved inputs and is doubled (exact: such values are far from
+    subnormal). XLA fuses both into the one pass over the leaf, so it costs arithmetic only.
+    """
     if not is_averaged(avg.dtype):
         return jnp.array(x, dtype=avg.dtype, copy=True)
     x = jnp.asarray(x).astype(avg.dtype)
     weight = weight.astype(jnp.finfo(avg.dtype).dtype)
     low = weight < 0.5
-    return jnp.where(low, avg, x) + jnp.where(low, weight, weight - 1.0) * (x - avg)
+    base, step = jnp.where(low, avg, x), jnp.where(low, weight, weight - 1.0)
+    out = base + step * (x - avg)
+    half = jnp.asarray(0.5, avg.dtype)
+    safe = 2 * (base * half + step * (x * half - avg * half))
+    if not jnp.issubdtype(avg.dtype, jnp.complexfloating):
+        big = jnp.finfo(avg.dtype).max  # the halves' rounding may pass max by an ulp
+        safe = jnp.clip(safe, -big, big)
+    overflowed = ~jnp.isfinite(x - avg) & jnp.isfinite(avg) & jnp.isfinite(x)
+    return jnp.where(overflowed, safe, out)
 
 
 def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
@@ -103,6 +117,7 @@ def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
 def _update(state: EMAState, leaves: list[Any], steps: Any) -> EMAState:
     spec = state.spec
     t, due, decays, weights = _plan(spec, state, jnp.asarray(steps, jnp.int32))
+    clean = jnp.zeros(state.nonfinite_leaves.shape, bool)
 
     def moved() -> tuple[Any, ...]:
         out = []
@@ -112,14 +127,26 @@ def _update(state: EMAState, leaves: list[Any], steps: Any) -> EMAState:
             out.append(jax.tree.unflatten(treedef, new))
         return tuple(out)
 
+    def gated() -> tuple[tuple[Any, ...], jax.Array]:
+        if spec.nonfinite == "propagate":
+            return moved(), clean
+        # one more read of the params; the averages are written only when they are finite
+        bad = leaf_flags(leaves)
+        return lax.cond(bad.any(), lambda: state.averages, moved), bad
+
     # with update_every > 1, lax.cond skips the memory traffic on the calls in between
-    averages = moved() if spec.update_every == 1 else lax.cond(due, moved, lambda: state.averages)
+    if spec.update_every == 1:
+        averages, bad = gated()
+    else:
+        averages, bad = lax.cond(due, gated, lambda: (state.averages, clean))
     return state.replace(
         averages=averages,
         step=t,
         last_update_step=jnp.where(due, t, state.last_update_step),
         num_updates=state.num_updates + due.astype(jnp.int32),
         last_decays=jnp.where(due, decays.astype(state.last_decays.dtype), state.last_decays),
+        skipped=state.skipped + bad.any().astype(jnp.int32),
+        nonfinite_leaves=state.nonfinite_leaves | bad,
     )
 
 
@@ -165,4 +192,11 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
     if not isinstance(state, EMAState):
         raise TypeError(f"state must be a polyak.jax EMAState (from pj.init), got {type(state)}")
     _check_steps(steps)
-    return _update(state, matching_leaves(state, params), steps)
+    leaves = matching_leaves(state, params)
+    eager = state.spec.nonfinite == "raise" and not traced(state) and not traced(leaves)
+    if eager:
+        raise_pending(state)  # left out inside jax.jit before this call
+    new = _update(state, leaves, steps)
+    if eager:
+        raise_pending(new, this_update=True)  # the one host sync of "raise"
+    return new

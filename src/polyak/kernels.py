@@ -157,10 +157,12 @@ def _np_lerp_(avg: np.ndarray, value: np.ndarray, weight: float) -> None:
 def _halved(
     a: np.ndarray, v: np.ndarray, diff: np.ndarray, weight: float
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Where ``diff = v - a`` overflowed although ``a`` and ``v`` are finite: those positions and
-    ``2 * lerp(a/2, v/2, weight)`` there, the two-sided lerp of the halves (exact scaling: such
-    elements are near the dtype's max, never subnormal). ``None`` when nothing overflowed."""
-    over = ~np.isfinite(diff) & np.isfinite(a) & np.isfinite(v)
+    """Where ``diff = v - a`` overflowed although ``a`` and ``v`` are finite (opposite signs near
+    the dtype's max): those positions and ``2 * lerp(a/2, v/2, weight)`` there. On the halves the
+    two-sided lerp cannot overflow and rounds to a value between them, so doubling it stays
+    finite, and the scaling is exact (such elements are far from subnormal). ``None`` when
+    nothing overflowed (the inputs hold inf/nan, or a sum of large values overflowed)."""
+    over = np.isinf(diff) & np.isfinite(a + v)  # inf/nan inputs make ``a + v`` inf/nan
     if not over.any():
         return None
     half = a.dtype.type(0.5)
@@ -170,9 +172,6 @@ def _halved(
     else:
         out = vh - a.dtype.type(1.0 - weight) * (vh - ah)
     out *= 2
-    if a.dtype.kind == "f":  # rounding of the halves' lerp may pass max by an ulp
-        big = np.finfo(a.dtype).max
-        np.clip(out, -big, big, out=out)
     return over, out
 
 

@@ -9,6 +9,7 @@ inf/nan (one reduction per leaf, one transfer of a bool per leaf), and with
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -22,17 +23,28 @@ from polyak.jax._state import EMAState, find_state, index, is_averaged, leaf_pat
 __all__ = ["average", "check_handout", "leaf_flags", "raise_pending", "shown", "traced"]
 
 
-def leaf_flags(leaves: list[Any]) -> jax.Array:
-    """One bool per leaf (traceable): the leaf holds an inf or a nan. Only floating and complex
-    leaves can; ``isfinite(x).all()`` is exact (no overflow of a sum, unlike a norm)."""
-    flags = [
-        ~jnp.all(jnp.isfinite(x)) if is_averaged(jnp.result_type(x)) else jnp.zeros((), bool)
-        for x in leaves
-    ]
+def leaf_flags(leaves: list[Any], *, exact: bool = False) -> jax.Array:
+    """One bool per leaf (traceable): the leaf holds an inf or a nan.
+
+    The update's test (``exact=False``) is the one ``polyak.EMA`` runs: a sum in float32 at
+    least is inf/nan iff a value is, or when it overflows (finite values summing past ~3e38,
+    far beyond any weight, count as non-finite). Under ``jax.jit`` on a 2-core CPU it took half
+    the time of ``isfinite(x).all()`` (20.2M parameters in 399 leaves). The hand-out checks,
+    which run once in a while, use the exact test. Integer leaves are always finite.
+    """
+    flags = []
+    for x in leaves:
+        dtype = jnp.result_type(x)
+        if not is_averaged(dtype):
+            flags.append(jnp.zeros((), bool))
+        elif exact:
+            flags.append(~jnp.all(jnp.isfinite(x)))
+        else:
+            flags.append(~jnp.isfinite(jnp.sum(x, dtype=jnp.promote_types(dtype, jnp.float32))))
     return jnp.stack(flags)
 
 
-_flags = jax.jit(leaf_flags)
+_exact_flags = jax.jit(functools.partial(leaf_flags, exact=True))
 
 
 def traced(tree: Any) -> bool:
@@ -84,7 +96,7 @@ def check_handout(state: EMAState, row: int, what: str, stacklevel: int = 3) -> 
         return
     raise_pending(state)
     leaves = jax.tree.leaves(state.averages[row])
-    flags = np.asarray(_flags(leaves))
+    flags = np.asarray(_exact_flags(leaves))
     if flags.any():
         paths = [p for p, bad in zip(leaf_paths(state.averages[row]), flags) if bad]
         warnings.warn(

@@ -22,16 +22,18 @@ import os
 import re
 import stat
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from polyak.errors import CheckpointError
+from polyak.errors import CheckpointError, NonFiniteError
 from polyak.files import MAX_JSON_BYTES, Outputs
 
 __all__ = ["load_npz", "save_npz"]
+
+T = TypeVar("T")
 
 _JSON = "state.json"
 _ARRAY = re.compile(r"arrays/(\d{1,9})\.npy")
@@ -129,14 +131,26 @@ def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.nd
     return a.reshape(shape, order="F" if fortran else "C")
 
 
-def load_npz(path: str | os.PathLike[str]) -> Any:
-    """The state dict :func:`save_npz` wrote to ``path``, every part of it checked.
+def load_npz(path: str | os.PathLike[str], load: Callable[[Any], T]) -> T:
+    """``load(state)`` of the state dict :func:`save_npz` wrote to ``path``, every part of the
+    file checked first; ``load`` (a ``load_state_dict``) checks the fields.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: anything else wrong with the file, naming it and the member or field.
+        NonFiniteError: from ``load``, with the file named.
+        CheckpointError: anything else wrong with the file or raised by ``load`` as a
+            ``ValueError`` / ``TypeError``, naming the file and the member or field.
     """
-    path = Path(path)
+    state = _read(Path(path))
+    try:
+        return load(state)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{path}: {e}", e.names) from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read(path: Path) -> Any:
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise CheckpointError(f"{path} is not a regular file; refusing to read it")
     try:

@@ -11,10 +11,10 @@ import numpy as np
 
 from polyak._names import check_names
 from polyak._npz import load_npz, save_npz
-from polyak._state import check_header
+from polyak._state import check_header, skipped_updates
 from polyak._timeline import Timeline, TimelineViews
 from polyak._tree import flatten, rebuild
-from polyak.errors import CheckpointError, NonFiniteError
+from polyak.errors import NonFiniteError
 from polyak.kernels import _np_lerp_
 
 __all__ = ["ArrayEMA"]
@@ -267,13 +267,7 @@ class ArrayEMA(TimelineViews):
                 ``ArrayEMA`` (the message names the file and the field or array).
             polyak.NonFiniteError: an average in the file holds inf/nan (named).
         """
-        state = load_npz(path)
-        try:
-            self.load_state_dict(state)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{path}: {e}", e.names) from None
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        load_npz(path, self.load_state_dict)
 
     def _arrays(self, arrays: Any, what: str) -> list[np.ndarray]:
         """``arrays`` checked against our leaves and cast to our dtypes (copies)."""
@@ -316,13 +310,7 @@ class ArrayEMA(TimelineViews):
         staged = {n: self._arrays(averages[n], f"average {n!r}") for n in self.names}
         initial = self._arrays(state["initial"], "initial") if self._init == "copy" else []
         commit_timeline = self._timeline.stage_state(state["timeline"])
-        updates = state["timeline"]["num_updates"]  # checked by stage_state
-        skipped = state.get("skipped_updates", 0)  # absent from states saved before it was
-        if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= updates:
-            raise ValueError(
-                f"skipped_updates must be an integer from 0 to num_updates ({updates}), got "
-                f"{skipped!r:.80}"
-            )
+        skipped = skipped_updates(state, state["timeline"]["num_updates"])  # checked by stage
         commit_timeline()
         self._skipped = skipped
         self._avgs = staged

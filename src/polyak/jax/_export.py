@@ -18,8 +18,8 @@ import numpy as np
 
 from polyak._names import check_names
 from polyak._npz import load_npz, save_npz
-from polyak._state import check_header
-from polyak.errors import CheckpointError, NonFiniteError
+from polyak._state import check_header, skipped_updates
+from polyak.errors import NonFiniteError
 from polyak.jax._handout import check_handout
 from polyak.jax._state import EMAState, Spec, find_state, leaf_paths
 
@@ -176,12 +176,7 @@ def load_state_dict(template: EMAState, state: Mapping[str, Any]) -> EMAState:
     step, updates = state["timeline"]["step"], state["timeline"]["num_updates"]  # checked
     if step > _INT32_MAX:
         raise ValueError(f"step {step} does not fit the int32 step counter")
-    skipped = state.get("skipped_updates", 0)  # absent from files written before it was saved
-    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= updates:
-        raise ValueError(
-            f"skipped_updates must be an integer from 0 to num_updates ({updates}), got "
-            f"{skipped!r:.80}"
-        )
+    skipped = skipped_updates(state, updates)
     commit()
     decays = timeline.last_decays or (np.nan,) * len(template.names)
     return EMAState(
@@ -234,10 +229,4 @@ def load(template: EMAState, path: str | os.PathLike[str]) -> EMAState:
     """
     if not isinstance(template, EMAState):
         raise TypeError(f"template must be a polyak.jax EMAState, got {type(template).__name__}")
-    state = load_npz(path)
-    try:
-        return load_state_dict(template, state)
-    except NonFiniteError as e:
-        raise NonFiniteError(f"{path}: {e}", e.names) from None
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return load_npz(path, lambda state: load_state_dict(template, state))

@@ -9,6 +9,8 @@ donated (updated in place, as in a train step):
 * ``lerp (flat)``: one fused ``a + w * (x - a)`` over a single flat float32 array of the same
   size: the memory floor (read the weights, read and write the average).
 * ``polyak.jax``: ``jax.jit(pj.update, donate_argnums=0)`` with ``decay=0.999``.
+* ``polyak.jax, nonfinite=skip`` / ``raise``: the same with the inf/nan gate (one more read of
+  the params and a ``lax.cond``; under ``jax.jit`` "raise" gates the same way and records).
 * ``optax.incremental_update``: ``jax.jit`` of it with ``step_size=0.001``, average donated.
 * the bfloat16 pair: ``pj.update`` on bf16 params (float32 average) and its floor, one lerp
   reading a flat bf16 array into a flat float32 one.
@@ -126,6 +128,10 @@ def candidates(width: int, seed: int, inner: int = 1) -> tuple[list[Candidate], 
     out = [
         Candidate("lerp (flat)", lerp, jnp.zeros(n, jnp.float32), flat, weight),
         Candidate("polyak.jax", update, pj.init(f32, DECAY), f32),
+        Candidate("polyak.jax, nonfinite=skip", update, pj.init(f32, DECAY, nonfinite="skip"), f32),
+        Candidate(
+            "polyak.jax, nonfinite=raise", update, pj.init(f32, DECAY, nonfinite="raise"), f32
+        ),
         Candidate("optax.incremental_update", incremental, jax.tree.map(jnp.copy, f32), f32),
         Candidate("lerp (flat, bf16 weights)", lerp, jnp.zeros(n, jnp.float32), flat_bf16, weight),
         Candidate("polyak.jax, bf16 params", update, pj.init(bf16, DECAY), bf16),
@@ -189,6 +195,8 @@ RATIOS = {
     "polyak.jax / lerp (flat)": ("polyak.jax", "lerp (flat)"),
     "optax.incremental_update / lerp (flat)": ("optax.incremental_update", "lerp (flat)"),
     "polyak.jax / optax.incremental_update": ("polyak.jax", "optax.incremental_update"),
+    "nonfinite=skip / propagate": ("polyak.jax, nonfinite=skip", "polyak.jax"),
+    "nonfinite=raise / propagate": ("polyak.jax, nonfinite=raise", "polyak.jax"),
     "polyak.jax bf16 / its flat lerp": ("polyak.jax, bf16 params", "lerp (flat, bf16 weights)"),
     "polyak.jax bf16 / polyak.jax f32": ("polyak.jax, bf16 params", "polyak.jax"),
 }
@@ -299,7 +307,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"A `lax.fori_loop` of {k} updates in one call, time / {k}: the call's overhead "
                 "is spread as inside a jitted train step, where the update is one more part of "
                 "the step's computation. Each iteration scales the weights by `1 + i * 1e-9` "
-                "(fused into the update: no extra traffic), as a train step changes them.",
+                "(fused into the update: no extra traffic), as a train step changes them. "
+                "`nonfinite=skip`/`raise` read the scaled weights twice (the finiteness sums, "
+                "then the update), so XLA writes them out once: a write and a read that a train "
+                "step, whose new weights are in memory anyway, does not pay; for them the "
+                "one-update-per-call ratio is the closer model.",
             ]
         head = "| candidate | median ms | IQR ms | GB/s | x floor | x floor IQR |"
         rule = "|---|---:|---:|---:|---:|---:|"

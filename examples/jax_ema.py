@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
             "warmup-0.999": schedules.warmup(0.999),  # TF-style warm-up (n+1)/(n+10)
             "power-0.10": schedules.power(sigma_rel=0.10),  # EDM2 power average
         },
+        # inf/nan weights (a diverging run at this learning rate) never enter the averages;
+        # inside the jitted step the error is raised at the next pj.swapped, naming the leaves
+        nonfinite="raise",
     )
 
     rng = np.random.default_rng(0)

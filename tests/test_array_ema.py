@@ -247,3 +247,21 @@ def test_load_checks_every_field_and_changes_nothing_on_failure():
                 assert np.array_equal(x, y)
     with pytest.raises(TypeError, match="must be a mapping"):
         ema.load_state_dict([1])
+
+
+def test_the_skipped_count_is_saved_and_checked():
+    ema = ArrayEMA(np.zeros(2), 0.5, nonfinite="skip")
+    for x in (1.0, np.nan, 2.0):
+        ema.update(np.full(2, x))
+    state = ema.state_dict()
+    assert state["skipped_updates"] == 1
+    back = ArrayEMA(np.zeros(2), 0.5, nonfinite="skip")
+    back.load_state_dict(state)
+    assert back.skipped_updates == 1 and back.get().tolist() == ema.get().tolist()
+    old = {k: v for k, v in state.items() if k != "skipped_updates"}  # saved before the field
+    back.load_state_dict(old)
+    assert back.skipped_updates == 0
+    for bad in (-1, 4, 0.5, True):
+        with pytest.raises(ValueError, match="skipped_updates must be an integer from 0 to"):
+            back.load_state_dict({**state, "skipped_updates": bad})
+    assert back.skipped_updates == 0 and back.step == 3

@@ -87,7 +87,9 @@ def test_a_callable_written_with_jax_numpy_is_traced():
 
 def test_a_callable_out_of_range_poisons_the_average_instead_of_clipping():
     state = pj.init({"w": jnp.zeros(2)}, decay=lambda t, dt: 1.5 + 0.0 * t)
-    assert np.isnan(pj.average(pj.update(state, {"w": jnp.ones(2)}))["w"]).all()
+    with pytest.warns(UserWarning, match=r"average\(\): average '<lambda>' holds inf/nan"):
+        avg = pj.average(pj.update(state, {"w": jnp.ones(2)}))
+    assert np.isnan(avg["w"]).all()
 
 
 # one of each kind (their numbers are checked above): the timeline wiring around them
@@ -374,9 +376,9 @@ def test_a_schedule_subclass_without_a_traced_form_is_refused():
 
 
 def test_docstring_examples_hold():
-    from polyak.jax import _export, _nnx, _optax, _state, _update
+    from polyak.jax import _export, _handout, _nnx, _optax, _state, _update
 
-    for module in (pj, _state, _update, _optax, _nnx, _export):
+    for module in (pj, _state, _update, _optax, _nnx, _export, _handout):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
@@ -387,3 +389,82 @@ def test_import_polyak_does_not_import_jax_and_polyak_jax_says_how_to_install():
     code = "import sys; sys.modules['jax'] = None\nimport polyak.jax"
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
     assert "ImportError: polyak.jax needs JAX: pip install 'polyak[jax]'" in err
+
+
+def test_save_and_load_go_through_one_npz_file_without_pickle(tmp_path):
+    import polyak
+
+    params = {"w": jnp.ones((2, 3), jnp.bfloat16), "n": jnp.int32(4), "k": jax.random.key(1)}
+    decay = {"a": 0.9, "h": S.halflife(samples=50, batch_size=5)}
+    state = pj.init(params, decay, nonfinite="skip")
+    for x in (2.0, np.nan, 3.0):
+        state = pj.update(state, {**params, "w": jnp.full((2, 3), x, jnp.bfloat16)})
+    path = tmp_path / "ema.npz"
+    pj.save(state, path)
+    with np.load(path, allow_pickle=False) as z:  # plain .npy members
+        assert len(z.files) == 1 + 2 * 3
+    back = pj.load(pj.init(params, decay, nonfinite="skip"), path)
+    assert int(back.skipped) == 1 and back.spec == state.spec
+    nxt = {**params, "w": jnp.zeros((2, 3), jnp.bfloat16)}
+    state = state.replace(nonfinite_leaves=back.nonfinite_leaves)  # a record, reset by loading
+    for a, b in zip(jax.tree.leaves(pj.update(state, nxt)), jax.tree.leaves(pj.update(back, nxt))):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+    # a file that does not fit the template, or is not such a file: named, with the file
+    with pytest.raises(polyak.CheckpointError, match=r"ema.npz: the saved averages"):
+        pj.load(pj.init(params, {"a": 0.9}), path)
+    with pytest.raises(polyak.CheckpointError, match=r"ema.npz: .*saved shape \(2, 3\), expected"):
+        pj.load(pj.init({**params, "w": jnp.ones((3, 2))}, decay), path)
+    (tmp_path / "x.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(polyak.CheckpointError, match=r"x.npz is not a polyak .npz state file"):
+        pj.load(back, tmp_path / "x.npz")
+    with pytest.raises(TypeError, match="template must be a polyak.jax EMAState"):
+        pj.load(params, path)
+
+
+def test_load_names_an_array_of_the_wrong_kind_in_a_state_dict():
+    template = pj.init({"w": jnp.zeros(2), "n": jnp.int32(0)}, 0.9)
+    sd = pj.state_dict(template)
+    cases = [  # the leaves in key order: n, w
+        ([np.int32(1), np.array(["a", "b"])], r"0.9\['w'\]: saved ndarray of dtype <U1"),
+        ([np.int32(1), [[1.0], [2.0, 3.0]]], r"0.9\['w'\]: saved list of dtype object"),
+        ([np.int32(1), np.zeros(2, complex)], r"complex128, which the float32 leaf"),
+        ([np.float64(1.5), np.zeros(2)], r"0.9\['n'\]: saved float64 of dtype float64"),
+    ]
+    for arrays, match in cases:
+        with pytest.raises(TypeError, match=match):
+            pj.load_state_dict(template, {**sd, "averages": {"0.9": arrays}})
+    with pytest.raises(TypeError, match="'averages' must be a mapping"):
+        pj.load_state_dict(template, {**sd, "averages": [1]})
+    with pytest.raises(TypeError, match="average '0.9': expected a list of arrays, got dict"):
+        pj.load_state_dict(template, {**sd, "averages": {"0.9": {}}})
+    with pytest.raises(TypeError, match="'paths' must be a list of strings"):
+        pj.load_state_dict(template, {**sd, "paths": "['n']"})
+
+
+@pytest.mark.parametrize("decay", [0.0, 1e-7, 0.25, 0.5, 0.75, 0.999, 1 - 1e-7, 1.0])
+def test_finite_params_near_the_dtype_max_give_a_finite_average(decay):
+    """``x - avg`` overflows float32 for (-3e38, 3e38): the average must not."""
+    big = float(np.finfo(np.float32).max)
+    local = np.random.default_rng(7)
+    init = np.concatenate([[-0.9, 0.9, -1.0, 1.0, 0.5], local.uniform(-1, 1, 59)]) * big
+    value = np.concatenate([[0.9, -0.9, 1.0, -1.0, 0.5], local.uniform(-1, 1, 59)]) * big
+    init, value = init.astype(np.float32), value.astype(np.float32)
+    step = jax.jit(pj.update)
+    state = step(pj.init({"w": jnp.asarray(init)}, decay), {"w": jnp.asarray(value)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the hand-out check is exact: no false inf/nan warning
+        got = np.asarray(pj.average(state)["w"])
+    expected = reference.ema([value], [decay], init)
+    assert np.isfinite(got).all()
+    scale = np.maximum(np.abs(init), np.abs(value)).astype(np.float64)
+    np.testing.assert_array_less(np.abs(got - expected), 4e-7 * scale + 1e-45)
+    # inf/nan still enter (nonfinite="propagate"), and ordinary values keep the exact lerp
+    bad = pj.update(pj.init({"w": jnp.ones(3)}, decay), {"w": jnp.array([jnp.inf, jnp.nan, 2.0])})
+    out = np.asarray(bad.averages[0]["w"])
+    if decay < 1.0:
+        assert not np.isfinite(out[0]) and np.isnan(out[1])
+    w = np.float32(1 - decay)
+    lerp = np.float32(1) + w * np.float32(1) if w < 0.5 else np.float32(2) - (1 - w) * np.float32(1)
+    assert out[2] == lerp

@@ -224,3 +224,54 @@ def test_complex_value_into_a_real_average_is_refused():
         polyak.ema_update_([np.zeros(2), np.zeros(2)], [np.ones(2), np.ones(2) * 1j], 0.5)
     with pytest.raises(TypeError, match="imaginary"):
         polyak.ema_update_(torch.zeros(2), torch.ones(2, dtype=torch.cfloat), 0.5)
+
+
+_BIG32 = float(np.finfo(np.float32).max)
+
+
+@settings(max_examples=200)
+@given(
+    arrays(np.float32, 7, elements=st.floats(-_BIG32, _BIG32, width=32)),
+    arrays(np.float32, 7, elements=st.floats(-_BIG32, _BIG32, width=32)),
+    st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+)
+def test_numpy_lerp_of_finite_inputs_near_the_dtype_max_is_finite_and_correct(a, v, d):
+    """``value - avg`` overflows float32 for (-3e38, 3e38); the result must not."""
+    expected = reference.ema([v], [d], a)  # float64: no overflow
+    out = polyak.ema_update(a, v, d)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    scale = np.maximum(np.abs(a.astype(np.float64)), np.abs(v.astype(np.float64)))
+    np.testing.assert_array_less(np.abs(out - expected), 4e-7 * scale + 1e-45)
+    polyak.ema_update_(a, v, d)
+    np.testing.assert_array_equal(a, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64])
+def test_numpy_lerp_overflow_cases_named_in_the_issue(dtype):
+    big = float(np.finfo(dtype).max)
+    avg = np.array([-0.9 * big, 0.9 * big, -big, 1.0, np.nan, np.inf], dtype)
+    value = np.array([0.9 * big, -0.9 * big, big, 2.0, 1.0, 1.0], dtype)
+    expected = [0.0, 0.0, 0.0, 1.5]
+    polyak.ema_update_(avg, value, 0.5)
+    np.testing.assert_allclose(avg[:4], expected, atol=1e-6 * big)
+    assert np.isnan(avg[4]) and not np.isfinite(avg[5])  # inf/nan inputs still propagate
+    for d in (0.25, 0.75, 1e-7, 1 - 1e-7):
+        a, v = np.array([-0.8 * big], dtype), np.array([0.8 * big], dtype)
+        with np.errstate(all="raise"):  # the caller's error state does not leak in
+            out = polyak.ema_update(a, v, d)
+        exact = d * -0.8 + (1 - d) * 0.8
+        np.testing.assert_allclose(out / big, [exact], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_lerp_overflow_is_torchs_own_and_documented():
+    """The torch path is ``torch.lerp`` (also what ``polyak.EMA`` runs), which overflows for
+    finite float32 inputs whose difference passes 3.4e38; checking for it would cost a second
+    read of both inputs (more than the update itself), so it is documented, not fixed. float16
+    and bfloat16 compute in float32 and do not overflow."""
+    avg = torch.tensor([-3e38, 1.0])
+    polyak.ema_update_(avg, torch.tensor([3e38, 2.0]), 0.5)
+    assert torch.equal(avg, torch.lerp(torch.tensor([-3e38, 1.0]), torch.tensor([3e38, 2.0]), 0.5))
+    assert avg[0] == -float("inf") and avg[1] == 1.5
+    half = torch.tensor([-6e4], dtype=torch.float16)
+    polyak.ema_update_(half, torch.tensor([6e4], dtype=torch.float16), 0.5)
+    assert half.item() == 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["check_header"]
+__all__ = ["check_header", "skipped_updates"]
 
 
 def check_header(state: Any, fmt: str, version: int, fields: Iterable[str]) -> Mapping[str, Any]:
@@ -26,3 +26,18 @@ def check_header(state: Any, fmt: str, version: int, fields: Iterable[str]) -> M
         if key not in state:
             raise ValueError(f"the state dict has no {key!r} field; it is not a whole checkpoint")
     return state
+
+
+def skipped_updates(state: Mapping[str, Any], num_updates: int) -> int:
+    """The state dict's ``skipped_updates`` (0 when absent: saved before the field existed).
+
+    Raises:
+        ValueError: not an integer from 0 to ``num_updates`` (the updates it is part of).
+    """
+    skipped = state.get("skipped_updates", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= num_updates:
+        raise ValueError(
+            f"skipped_updates must be an integer from 0 to num_updates ({num_updates}), got "
+            f"{skipped!r:.80}"
+        )
+    return skipped

@@ -8,7 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from polyak.jax._state import average
+from polyak.jax._handout import check_handout
+from polyak.jax._state import find_state, index
 
 __all__ = ["swapped"]
 
@@ -28,7 +29,10 @@ def _value(leaf: Any) -> Any:
 def _average_state(state: Any, name: str | None) -> Any:
     from flax import nnx
 
-    avg = average(state, name)
+    state = find_state(state)
+    row = index(state, name)
+    check_handout(state, row, "swapped()", stacklevel=5)
+    avg = state.averages[row]
     if isinstance(avg, nnx.Module):
         return nnx.state(avg)
     if not isinstance(avg, nnx.State):

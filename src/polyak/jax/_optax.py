@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from polyak._timeline import Timeline
-from polyak.jax._state import EMAState, init
+from polyak.jax._state import EMAState, check_mode, init
 from polyak.jax._update import update
 
 __all__ = ["ema_of_params"]
 
 
-def ema_of_params(decay: Any = 0.999, *, update_every: int = 1, start_step: int = 0) -> Any:
+def ema_of_params(
+    decay: Any = 0.999, *, update_every: int = 1, start_step: int = 0, nonfinite: str = "propagate"
+) -> Any:
     """An optax transformation that keeps averages of the *params* after each step.
 
     Put it last in ``optax.chain``: its ``update(updates, state, params)`` leaves the updates
@@ -24,13 +26,15 @@ def ema_of_params(decay: Any = 0.999, *, update_every: int = 1, start_step: int 
         decay: as for :func:`polyak.jax.init` (a float, a schedule, a callable, several).
         update_every: change the averages every this many steps (the horizon stays the same).
         start_step: steps ``<= start_step`` copy the params.
+        nonfinite: ``"propagate"``, ``"skip"`` or ``"raise"``, as for :func:`polyak.jax.init`.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose state is a
         :class:`polyak.jax.EMAState`.
 
     Raises:
-        TypeError, ValueError: a bad ``decay``, ``update_every`` or ``start_step`` (at once);
+        TypeError, ValueError: a bad ``decay``, ``update_every``, ``start_step`` or
+            ``nonfinite`` (at once);
             ``update`` called without ``params``.
 
     Example:
@@ -50,9 +54,12 @@ def ema_of_params(decay: Any = 0.999, *, update_every: int = 1, start_step: int 
     import optax
 
     Timeline(decay, update_every=update_every, start_step=start_step)  # bad arguments fail here
+    check_mode(nonfinite)
 
     def init_fn(params: Any) -> EMAState:
-        return init(params, decay, update_every=update_every, start_step=start_step)
+        return init(
+            params, decay, update_every=update_every, start_step=start_step, nonfinite=nonfinite
+        )
 
     def update_fn(
         updates: Any, state: EMAState, params: Any = None, **extra_args: Any

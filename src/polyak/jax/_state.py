@@ -22,8 +22,9 @@ from polyak.jax._decays import Twin, twin
 from polyak.schedules import Schedule
 
 __all__ = [
+    "NONFINITE",
     "EMAState",
-    "average",
+    "check_mode",
     "find_state",
     "init",
     "is_averaged",
@@ -31,6 +32,16 @@ __all__ = [
     "leaf_paths",
     "not_an_array",
 ]
+
+
+NONFINITE = ("propagate", "raise", "skip")
+
+
+def check_mode(nonfinite: object) -> str:
+    """``nonfinite`` if it is one of :data:`NONFINITE`, else a ``ValueError`` naming it."""
+    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    return nonfinite
 
 
 @dataclass(frozen=True)
@@ -41,14 +52,22 @@ class Spec:
     twins: tuple[Twin, ...]
     update_every: int
     start_step: int
+    nonfinite: str
     # The schedules themselves (own copies) are kept for export only: the twins decide.
     schedules: tuple[Schedule, ...] = field(compare=False, repr=False)
 
     @classmethod
-    def build(cls, timeline: Timeline) -> Spec:
+    def build(cls, timeline: Timeline, nonfinite: str) -> Spec:
         schedules = tuple(copy.deepcopy(s) for s in timeline.schedules)
         twins = tuple(twin(s) for s in schedules)
-        return cls(timeline.names, twins, timeline.update_every, timeline.start_step, schedules)
+        return cls(
+            timeline.names,
+            twins,
+            timeline.update_every,
+            timeline.start_step,
+            check_mode(nonfinite),
+            schedules,
+        )
 
     def timeline(self) -> Timeline:
         """A fresh :class:`Timeline` over copies of these schedules (counters at 0)."""
@@ -68,7 +87,12 @@ class EMAState:
         last_update_step: the step of the last update that changed the averages.
         num_updates: how many updates changed the averages.
         last_decays: the decay each average received at its last update (NaN before any).
-        spec: static description: names, schedules, ``update_every``, ``start_step``.
+        skipped: updates left out because the params held inf/nan (``nonfinite="skip"``, or
+            ``"raise"`` inside ``jax.jit``); kept across :func:`state_dict`.
+        nonfinite_leaves: one bool per leaf: it held inf/nan at an update left out since this
+            state was made by :func:`init` or :func:`load_state_dict` (what ``"raise"`` names).
+        spec: static description: names, schedules, ``update_every``, ``start_step``,
+            ``nonfinite``.
 
     Each update applies ``avg <- avg + (1 - decay_t) * (value - avg)`` to every floating leaf of
     every average (see :func:`polyak.jax.update`).
@@ -85,6 +109,8 @@ class EMAState:
     last_update_step: jax.Array
     num_updates: jax.Array
     last_decays: jax.Array
+    skipped: jax.Array
+    nonfinite_leaves: jax.Array
     spec: Spec
 
     @property
@@ -99,7 +125,15 @@ class EMAState:
 
 jax.tree_util.register_dataclass(
     EMAState,
-    data_fields=["averages", "step", "last_update_step", "num_updates", "last_decays"],
+    data_fields=[
+        "averages",
+        "step",
+        "last_update_step",
+        "num_updates",
+        "last_decays",
+        "skipped",
+        "nonfinite_leaves",
+    ],
     meta_fields=["spec"],
 )
 
@@ -144,7 +178,12 @@ def _start(x: Any, path: Any) -> jax.Array:
 
 
 def init(
-    params: Any, decay: Any = 0.999, *, update_every: int = 1, start_step: int = 0
+    params: Any,
+    decay: Any = 0.999,
+    *,
+    update_every: int = 1,
+    start_step: int = 0,
+    nonfinite: str = "propagate",
 ) -> EMAState:
     """Start averages of ``params``: each average is a copy of ``params``.
 
@@ -164,13 +203,21 @@ def init(
         update_every: change the averages every this many optimizer steps, applying the
             schedule over the whole gap (``decay**k``): the horizon does not depend on it.
         start_step: updates at optimizer steps ``<= start_step`` copy the params.
+        nonfinite: what an update does when the params hold inf/nan, as in ``polyak.EMA``:
+            ``"propagate"`` (default, no cost: the average takes them, and :func:`average`,
+            :func:`swapped` and :func:`state_dict` warn when they hand it out), ``"skip"`` (the
+            averages and copied leaves stay as they were for that update, decided on the
+            device with no transfer to the host; ``state.skipped`` counts such updates) or
+            ``"raise"`` (:class:`polyak.NonFiniteError` naming the leaves, nothing changed;
+            see :func:`update` for ``raise`` inside ``jax.jit``). Both read the params once
+            more per update.
 
     Returns:
         The state, a pytree; pass it to :func:`update` under ``jax.jit``.
 
     Raises:
-        TypeError, ValueError: a bad ``decay``, ``update_every`` or ``start_step``, a schedule
-            with no traced form, or ``params`` without arrays.
+        TypeError, ValueError: a bad ``decay``, ``update_every``, ``start_step`` or
+            ``nonfinite``, a schedule with no traced form, or ``params`` without arrays.
 
     Example:
         >>> import jax.numpy as jnp, polyak.jax as pj
@@ -183,7 +230,7 @@ def init(
         Polyak & Juditsky, SIAM J. Control Optim. 1992; Karras et al., "Analyzing and Improving
         the Training Dynamics of Diffusion Models", CVPR 2024 (power averages over gaps).
     """
-    spec = Spec.build(Timeline(decay, update_every=update_every, start_step=start_step))
+    spec = Spec.build(Timeline(decay, update_every=update_every, start_step=start_step), nonfinite)
     pairs, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not pairs:
         raise ValueError(f"params holds no arrays to average (tree {treedef})")
@@ -191,9 +238,10 @@ def init(
         jax.tree.unflatten(treedef, [_start(x, path) for path, x in pairs]) for _ in spec.names
     )
     nan = jnp.full((len(spec.names),), jnp.nan, jnp.result_type(float))
-    # three arrays, not one shared: a donated state must not hold a buffer twice
-    step, last, count = (jnp.zeros((), jnp.int32) for _ in range(3))
-    return EMAState(averages, step, last, count, nan, spec)
+    # separate arrays, not one shared: a donated state must not hold a buffer twice
+    step, last, count, skipped = (jnp.zeros((), jnp.int32) for _ in range(4))
+    bad = jnp.zeros((len(pairs),), bool)
+    return EMAState(averages, step, last, count, nan, skipped, bad, spec)
 
 
 def find_state(tree: Any) -> EMAState:
@@ -226,27 +274,3 @@ def find_state(tree: Any) -> EMAState:
 def index(state: EMAState, name: str | None) -> int:
     """Position of average ``name``; ``None`` picks the only one (an error when several)."""
     return row_of(state.spec.names, name)
-
-
-def average(state: Any, name: str | None = None) -> Any:
-    """Average ``name`` (needed when several are kept), a pytree shaped like the params.
-
-    Its floating leaves keep the average's dtype (float32 for bfloat16 params); cast them to
-    evaluate in the params' dtype. No copy: JAX arrays are immutable.
-
-    Args:
-        state: an :class:`EMAState`, or an optax state holding one (:func:`ema_of_params`).
-        name: which average; the names are ``state.names``.
-
-    Raises:
-        KeyError: no average of that name.
-        ValueError: several averages and no ``name``.
-
-    Example:
-        >>> import jax.numpy as jnp, polyak.jax as pj
-        >>> state = pj.init({"w": jnp.zeros(2)}, decay={"fast": 0.9, "slow": 0.99})
-        >>> pj.average(state, "slow")["w"].dtype
-        dtype('float32')
-    """
-    state = find_state(state)
-    return state.averages[index(state, name)]

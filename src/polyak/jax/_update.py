@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from polyak.jax._handout import leaf_flags, raise_pending, traced
 from polyak.jax._state import EMAState, Spec, is_averaged, leaf_dtype, leaf_paths, not_an_array
 
 __all__ = ["update"]
@@ -74,13 +75,26 @@ def matching_leaves(state: EMAState, params: Any) -> list[Any]:
 def _lerp(avg: jax.Array, x: Any, weight: jax.Array) -> jax.Array:
     """``avg + weight * (x - avg)`` in the average's dtype, exact at both ends: ``weight = 1``
     gives ``x`` bit for bit, as ``torch.lerp`` does (for ``weight >= 0.5`` it computes
-    ``x - (1 - weight) * (x - avg)``)."""
+    ``x - (1 - weight) * (x - avg)``).
+
+    Finite inputs give a finite result: where ``x - avg`` overflows (finite values of opposite
+    signs near the max, float32 ``(-3e38, 3e38)``) the same formula runs on the halved inputs,
+    where it cannot overflow and rounds to a value between the halves, and is doubled (exact:
+    such values are far from subnormal). XLA fuses both into the one pass over the leaf: a few
+    more operations per element, 2-8% of the update's time on a 2-core CPU (20.2M parameters).
+    """
     if not is_averaged(avg.dtype):
         return jnp.array(x, dtype=avg.dtype, copy=True)
     x = jnp.asarray(x).astype(avg.dtype)
     weight = weight.astype(jnp.finfo(avg.dtype).dtype)
     low = weight < 0.5
-    return jnp.where(low, avg, x) + jnp.where(low, weight, weight - 1.0) * (x - avg)
+    step = jnp.where(low, weight, weight - 1.0)
+    diff = x - avg
+    out = jnp.where(low, avg, x) + step * diff
+    half_avg, half_x = avg * 0.5, x * 0.5
+    halved = 2 * (jnp.where(low, half_avg, half_x) + step * (half_x - half_avg))
+    # an inf difference of finite inputs (inf/nan inputs keep propagating through ``out``)
+    return jnp.where(jnp.isinf(diff) & jnp.isfinite(avg + x), halved, out)
 
 
 def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
@@ -103,23 +117,41 @@ def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
 def _update(state: EMAState, leaves: list[Any], steps: Any) -> EMAState:
     spec = state.spec
     t, due, decays, weights = _plan(spec, state, jnp.asarray(steps, jnp.int32))
+    clean = jnp.zeros(state.nonfinite_leaves.shape, bool)
 
-    def moved() -> tuple[Any, ...]:
+    def moved(keep: jax.Array | None = None) -> tuple[Any, ...]:
         out = []
         for k, avg in enumerate(state.averages):
             avg_leaves, treedef = jax.tree.flatten(avg)
             new = [_lerp(a, x, weights[k]) for a, x in zip(avg_leaves, leaves)]
+            if keep is not None:
+                new = [jnp.where(keep, a, n) for a, n in zip(avg_leaves, new)]
             out.append(jax.tree.unflatten(treedef, new))
         return tuple(out)
 
+    def gated() -> tuple[tuple[Any, ...], jax.Array]:
+        if spec.nonfinite == "propagate":
+            return moved(), clean
+        # One more read of the params, then a select fused into each leaf's update (a lax.cond
+        # around the update copied the averages: 3x slower). The barrier keeps XLA from trying
+        # to fuse every leaf's reduction into every leaf's update: without it compiling took
+        # time quadratic in the leaves (42 s for 195 leaves, 5 minutes for 399 in a loop).
+        bad = lax.optimization_barrier(leaf_flags(leaves))
+        return moved(bad.any()), bad
+
     # with update_every > 1, lax.cond skips the memory traffic on the calls in between
-    averages = moved() if spec.update_every == 1 else lax.cond(due, moved, lambda: state.averages)
+    if spec.update_every == 1:
+        averages, bad = gated()
+    else:
+        averages, bad = lax.cond(due, gated, lambda: (state.averages, clean))
     return state.replace(
         averages=averages,
         step=t,
         last_update_step=jnp.where(due, t, state.last_update_step),
         num_updates=state.num_updates + due.astype(jnp.int32),
         last_decays=jnp.where(due, decays.astype(state.last_decays.dtype), state.last_decays),
+        skipped=state.skipped + bad.any().astype(jnp.int32),
+        nonfinite_leaves=state.nonfinite_leaves | bad,
     )
 
 
@@ -139,6 +171,21 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
 
     To update in place, donate the state: ``jax.jit(pj.update, donate_argnums=0)``.
 
+    Non-finite params (``pj.init(..., nonfinite=...)``, as ``polyak.EMA``): ``"propagate"``
+    lets inf/nan in. ``"skip"`` tests every floating leaf (``isfinite(x).all()``, one more read
+    of the params) and, when one holds inf/nan, leaves the averages and copied leaves as they
+    were (a select on the device, fused into the update: no transfer to the host), still counting
+    the step; ``state.skipped`` counts such updates and ``state.nonfinite_leaves`` records the
+    leaves. ``"raise"`` does the same on the device and then raises
+    :class:`polyak.NonFiniteError` naming the leaves: at once when this function is called
+    outside a jax transformation (one transfer of a bool per leaf to the host per call; the
+    state you hold is unchanged), and otherwise, since a jitted function cannot raise, at the
+    first call outside one: the next eager ``update``, :func:`average`, ``swapped``,
+    ``state_dict`` or ``save``. Until then the averages are those of ``"skip"``. We chose this
+    over ``jax.experimental.checkify`` (which needs the caller's whole step functionalized) and
+    over a host callback (a transfer and a wait every step, and an error JAX wraps in its own
+    type); its cost inside ``jax.jit`` is that of ``"skip"``.
+
     Args:
         state: from :func:`init` or a previous :func:`update`.
         params: the live params, with the tree structure and shapes given to :func:`init`.
@@ -147,6 +194,8 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
     Raises:
         TypeError: ``state`` is not an :class:`EMAState`; a leaf changed kind; a bad ``steps``.
         ValueError: ``params`` has another tree structure or shape (named); ``steps < 1``.
+        polyak.NonFiniteError: ``nonfinite="raise"``, called outside jit: the params hold
+            inf/nan, or an update inside jit met them earlier (the leaves named).
 
     Example:
         >>> import jax, jax.numpy as jnp, polyak.jax as pj
@@ -165,4 +214,11 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
     if not isinstance(state, EMAState):
         raise TypeError(f"state must be a polyak.jax EMAState (from pj.init), got {type(state)}")
     _check_steps(steps)
-    return _update(state, matching_leaves(state, params), steps)
+    leaves = matching_leaves(state, params)
+    eager = state.spec.nonfinite == "raise" and not traced(state) and not traced(leaves)
+    if eager:
+        raise_pending(state)  # left out inside jax.jit before this call
+    new = _update(state, leaves, steps)
+    if eager:
+        raise_pending(new, this_update=True)  # the one host sync of "raise"
+    return new

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.bench.models import build_model
-from polyak.bench.report import machine as bench_machine
+from polyak.cli.bench.models import build_model
+from polyak.cli.bench.report import machine as bench_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _DISTS = ("polyak", "torch", "lightning", "transformers", "accelerate")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.bench.report import machine, versions
+from polyak.cli.bench.report import machine, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = [0.05, 0.08, 0.12, 0.2]  # within the stored widths (narrower ones warn in float16)

@@ -1,6 +1,6 @@
 """Run the EMA update benchmark: ``python benchmarks/run.py [--quick] [--shapes ...]``.
 
-The same as ``polyak bench`` (see ``polyak bench --help`` and :mod:`polyak.bench` for what is
+The same as ``polyak bench`` (see ``polyak bench --help`` and :mod:`polyak.cli.bench` for what is
 measured). Results go to ``benchmarks/results/`` with the machine and versions in the file name.
 """
 

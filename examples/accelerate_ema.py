@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import polyak
-from polyak.study.data import load_digits
+from polyak.cli.study.data import load_digits
 
 
 def build(data: TensorDataset) -> tuple[Any, ...]:

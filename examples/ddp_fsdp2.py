@@ -44,7 +44,7 @@ def median_update_ms(ema: polyak.EMA, repeats: int) -> float:
 
 
 def train(rank: int, world: int, args: argparse.Namespace) -> None:
-    from polyak.study.data import load_digits
+    from polyak.cli.study.data import load_digits
 
     model = make_model(args.width)
     if args.ddp:

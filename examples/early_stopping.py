@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import polyak
-from polyak.study.data import flip_labels, load_digits
+from polyak.cli.study.data import flip_labels, load_digits
 from polyak.workflows import EarlyStopping, evaluate, train_with_ema
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 import polyak.jax as pj
 from polyak import schedules
-from polyak.study.data import load_digits
+from polyak.cli.study.data import load_digits
 
 AVERAGED = (nnx.Param, nnx.BatchStat)  # what the averages cover: weights and BN statistics
 

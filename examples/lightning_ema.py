@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from polyak.cli.study.data import load_digits
 from polyak.integrations.lightning import EMACallback
-from polyak.study.data import load_digits
 
 
 class Digits(L.LightningModule):

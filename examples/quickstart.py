@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.study.data import load_digits
+from polyak.cli.study.data import load_digits
 
 
 def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

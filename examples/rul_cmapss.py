@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from polyak.study.cmapss import SUBSETS, write_synthetic_cmapss
-from polyak.study.config import StudyConfig
-from polyak.study.run import run_study
+from polyak.cli.study.cmapss import SUBSETS, write_synthetic_cmapss
+from polyak.cli.study.config import StudyConfig
+from polyak.cli.study.run import run_study
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.study.data import load_digits
+from polyak.cli.study.data import load_digits
 from polyak.workflows import soft_update_
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import polyak
-from polyak.study.data import load_digits
+from polyak.cli.study.data import load_digits
 from polyak.workflows import evaluate, train_with_ema
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import polyak
-from polyak import bench
-from polyak.bench import models, peers, probes
+from polyak.cli import bench
+from polyak.cli.bench import models, peers, probes
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_failing_peer_is_skipped_with_its_reason(monkeypatch, capsys):
             raise ImportError("No module named 'torch_ema'")
         return real(name, model, decay)
 
-    monkeypatch.setattr("polyak.bench.run.make_peer", broken)
+    monkeypatch.setattr("polyak.cli.bench.run.make_peer", broken)
     config = bench.BenchConfig(
         quick=True,
         shapes=("mlp",),

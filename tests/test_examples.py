@@ -29,7 +29,7 @@ import os, runpy, sys, traceback
 
 import importlib
 for name in ("numpy", "torch", "torch._dynamo", "torch.utils.data", "sklearn.datasets",
-             "sklearn.model_selection", "polyak", "polyak.study.data", "polyak.workflows",
+             "sklearn.model_selection", "polyak", "polyak.cli.study.data", "polyak.workflows",
              "lightning.pytorch", "transformers.trainer", "accelerate"):
     try:  # what the examples import (no torch op runs before the fork)
         importlib.import_module(name)

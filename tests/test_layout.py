@@ -12,7 +12,7 @@ from pathlib import Path
 import polyak
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TOOLS = ("polyak.cli", "polyak.__main__", "polyak.bench", "polyak.study", "polyak.posthoc_cli")
+TOOLS = ("polyak.cli", "polyak.__main__", "polyak.posthoc_cli")
 
 
 def _modules() -> dict[str, Path]:
@@ -29,7 +29,7 @@ MODULES = _modules()
 
 
 def _tool(module: str) -> str | None:
-    """The tool ``module`` belongs to (``polyak.bench`` for ``polyak.bench.run``), or None."""
+    """The tool ``module`` belongs to (``polyak.cli`` for ``polyak.cli.bench.run``), or None."""
     return next((t for t in TOOLS if module == t or module.startswith(t + ".")), None)
 
 
@@ -81,14 +81,14 @@ def test_the_check_sees_private_imports(tmp_path):
     path.write_text(
         "from polyak._torch.ema import EMA\n"
         "from polyak.workflows import progress\n"
-        "def f():\n    import polyak.bench.run\n"
+        "def f():\n    import polyak.cli.bench.run\n"
         "CODE = 'import time\\nfrom polyak.workflows._epoch import length\\n'\n"
     )
     assert imports(path) == {
         "polyak._torch.ema",
         "polyak.workflows",
         "polyak.workflows.progress",
-        "polyak.bench.run",
+        "polyak.cli.bench.run",
         "polyak.workflows._epoch",
     }
 

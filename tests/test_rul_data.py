@@ -9,16 +9,16 @@ import math
 import numpy as np
 import pytest
 
-from polyak.study.cmapss import (
+from polyak.cli.study.cmapss import (
     SENSORS,
     load_cmapss,
     read_rul_file,
     read_table,
     write_synthetic_cmapss,
 )
-from polyak.study.data import DataError
-from polyak.study.rul import phm08_score
-from polyak.study.rul_prep import (
+from polyak.cli.study.data import DataError
+from polyak.cli.study.rul import phm08_score
+from polyak.cli.study.rul_prep import (
     capped_rul,
     constant_sensors,
     operating_conditions,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from polyak.cli import main
-from polyak.study.cmapss import load_cmapss, write_synthetic_cmapss
-from polyak.study.config import StudyConfig
-from polyak.study.rul import COURSE, LIVE, summarise_rul, train_rul_seed
-from polyak.study.rul_prep import prepare_rul
-from polyak.study.rul_report import claim_verdict
+from polyak.cli.study.cmapss import load_cmapss, write_synthetic_cmapss
+from polyak.cli.study.config import StudyConfig
+from polyak.cli.study.rul import COURSE, LIVE, summarise_rul, train_rul_seed
+from polyak.cli.study.rul_prep import prepare_rul
+from polyak.cli.study.rul_report import claim_verdict
 
 NASA = "Turbofan Engine Degradation Simulation Data Set"
 FAST = ["--epochs", "8", "--patience", "3", "--batch-size", "32", "--seeds", "2"]

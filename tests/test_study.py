@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from polyak.cli import main
-from polyak.study.config import StudyConfig
-from polyak.study.report import format_table
-from polyak.study.run import run_study
-from polyak.study.summary import summarise_noise_level
+from polyak.cli.study.config import StudyConfig
+from polyak.cli.study.report import format_table
+from polyak.cli.study.run import run_study
+from polyak.cli.study.summary import summarise_noise_level
 
 
 @pytest.fixture(scope="module")

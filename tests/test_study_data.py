@@ -1,4 +1,4 @@
-"""Tests of polyak.study.data: IDX reading, dataset loaders, resolution and label noise."""
+"""Tests of polyak.cli.study.data: IDX reading, dataset loaders, resolution and label noise."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from polyak.study.data import (
+from polyak.cli.study.data import (
     DATASET_NAMES,
     DEFAULT_FASHION_MNIST_DIR,
     DataError,

@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from polyak.study.classify import make_split, train_run
-from polyak.study.config import StudyConfig
-from polyak.study.data import resolve_dataset
-from polyak.study.posthoc_sweep import KEPT, SIGMA_RELS, equivalent_sigma_rel, summarise_posthoc
+from polyak.cli.study.classify import make_split, train_run
+from polyak.cli.study.config import StudyConfig
+from polyak.cli.study.data import resolve_dataset
+from polyak.cli.study.posthoc_sweep import KEPT, SIGMA_RELS, equivalent_sigma_rel, summarise_posthoc
 
 
 def _same(a, b, path=""):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import polyak
-from polyak.study.data import load_diabetes, load_digits
+from polyak.cli.study.data import load_diabetes, load_digits
 from polyak.workflows import EarlyStopping, evaluate, recompute_bn, train_with_ema
 
 

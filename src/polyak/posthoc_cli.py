@@ -128,7 +128,7 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
         profiles = posthoc.weight_profiles(
             args.directory, args.sigma_rel, decays=args.decay, step=args.step
         )
-    from polyak.bench.report import check_output_dir
+    from polyak.cli.common import check_output_dir
 
     check_output_dir(args.out, "--out")
     return lambda: _reconstruct(args, profiles, caught)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import polyak
 from polyak import metrics, schedules
-from polyak.study.rul_prep import RulData
+from polyak.cli.study.rul_prep import RulData
 
 __all__ = [
     "COURSE",

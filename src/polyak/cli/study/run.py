@@ -4,7 +4,7 @@ Trains a small network several times per label-noise level, keeping three averag
 weights, and compares them with the live weights: final and best-epoch accuracy, NLL, ECE,
 memorisation of noisy labels and agreement between seeds; plus a regression task. With
 ``--task rul``, remaining useful life on the user's C-MAPSS files instead
-(:mod:`polyak.study.rul`). Writes ``results.json``, PNG plots and ``report.md`` to ``--out`` and
+(:mod:`polyak.cli.study.rul`). Writes ``results.json``, PNG plots and ``report.md`` to ``--out`` and
 prints a table.
 """
 
@@ -26,19 +26,19 @@ import numpy as np
 import torch
 
 import polyak
-from polyak.bench.report import check_output_dir, machine
-from polyak.study.classify import LIVE, make_split, train_run
-from polyak.study.cmapss import load_cmapss
-from polyak.study.config import StudyConfig
-from polyak.study.data import Dataset, resolve_dataset
-from polyak.study.plots import write_plots
-from polyak.study.posthoc_sweep import summarise_posthoc
-from polyak.study.regression import SETTINGS, regression_case, summarise_regression
-from polyak.study.report import findings, format_table, targets, write_report
-from polyak.study.rul import summarise_rul, train_rul_seed
-from polyak.study.rul_prep import RulData, prepare_rul
-from polyak.study.rul_report import rul_findings, rul_table, write_rul_outputs
-from polyak.study.summary import summarise_noise_level
+from polyak.cli.common import check_output_dir, machine
+from polyak.cli.study.classify import LIVE, make_split, train_run
+from polyak.cli.study.cmapss import load_cmapss
+from polyak.cli.study.config import StudyConfig
+from polyak.cli.study.data import Dataset, resolve_dataset
+from polyak.cli.study.plots import write_plots
+from polyak.cli.study.posthoc_sweep import summarise_posthoc
+from polyak.cli.study.regression import SETTINGS, regression_case, summarise_regression
+from polyak.cli.study.report import findings, format_table, targets, write_report
+from polyak.cli.study.rul import summarise_rul, train_rul_seed
+from polyak.cli.study.rul_prep import RulData, prepare_rul
+from polyak.cli.study.rul_report import rul_findings, rul_table, write_rul_outputs
+from polyak.cli.study.summary import summarise_noise_level
 from polyak.workflows.progress import Progress
 
 __all__ = ["StudyPlan", "prepare_study", "run_study"]
@@ -62,7 +62,7 @@ def prepare_study(config: StudyConfig) -> StudyPlan:
 
     Raises:
         ValueError: a bad setting, a dataset that is missing or malformed
-            (:class:`polyak.study.data.DataError`), or an output directory that cannot be
+            (:class:`polyak.cli.study.data.DataError`), or an output directory that cannot be
             written; the message names the flag or the file.
     """
     started = time.perf_counter()

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from polyak.study.plots import POSTHOC_PNG
-from polyak.study.posthoc_report import posthoc_findings, posthoc_section
+from polyak.cli.study.plots import POSTHOC_PNG
+from polyak.cli.study.posthoc_report import posthoc_findings, posthoc_section
 
 __all__ = ["findings", "format_table", "provenance", "targets", "write_report"]
 

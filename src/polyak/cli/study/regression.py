@@ -22,7 +22,7 @@ from torch import nn
 
 import polyak
 from polyak import metrics, schedules
-from polyak.study.data import load_diabetes
+from polyak.cli.study.data import load_diabetes
 
 __all__ = ["SETTINGS", "regression_case", "run_regression", "summarise_regression"]
 

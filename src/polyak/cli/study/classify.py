@@ -8,7 +8,7 @@ the training inputs (Morales-Brotons et al. 2024 report both), and the share of 
 training labels each model reproduces (memorisation). Final validation accuracy and NLL are
 recorded for every model too: the study picks its "best" average on them, never on the test set.
 With ``posthoc`` set, a run also keeps a :class:`polyak.PostHocEMA` and sweeps ``sigma_rel``
-after training (:mod:`polyak.study.posthoc_sweep`), after everything above is recorded.
+after training (:mod:`polyak.cli.study.posthoc_sweep`), after everything above is recorded.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from torch import nn
 
 import polyak
 from polyak import metrics, schedules
-from polyak.study.config import StudyConfig, TrainingDiverged
-from polyak.study.data import Dataset
-from polyak.study.models import make_model
-from polyak.study.posthoc_sweep import Sweep
+from polyak.cli.study.config import StudyConfig, TrainingDiverged
+from polyak.cli.study.data import Dataset
+from polyak.cli.study.models import make_model
+from polyak.cli.study.posthoc_sweep import Sweep
 from polyak.workflows import recompute_bn
 
 __all__ = ["LIVE", "Split", "average_schedules", "make_split", "train_run"]
@@ -57,7 +57,7 @@ def make_split(data: Dataset, noise: float, val_fraction: float, seed: int = 0) 
     The split and the noise are fixed (``seed``) so that every run of a noise level sees the same
     data and the same wrong labels; runs differ only in initialisation and batch order.
     """
-    from polyak.study.data import flip_labels
+    from polyak.cli.study.data import flip_labels
 
     if data.num_classes is None:
         raise ValueError(f"{data.name} is a regression set; the study classifies")

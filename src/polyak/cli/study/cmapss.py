@@ -12,7 +12,7 @@ Simulation", PHM 2008) has four subsets ``FD001`` .. ``FD004``, each three text 
 A line holds 26 whitespace-separated numbers: unit, cycle, 3 operating settings, 21 sensors (the
 files end their lines with spaces; any whitespace is accepted). Units are numbered 1, 2, 3, ... in
 file order and each unit's cycles are 1, 2, 3, ... on consecutive lines; the reader checks all of
-it and names the file and the line of the first fault (:class:`polyak.study.data.DataError`).
+it and names the file and the line of the first fault (:class:`polyak.cli.study.data.DataError`).
 
 Example:
     >>> import tempfile
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from polyak.study.data import DataError
+from polyak.cli.study.data import DataError
 
 __all__ = [
     "COLUMNS",
@@ -347,6 +347,6 @@ def write_synthetic_cmapss(
     paths["RUL"].write_text("".join(f"{r} \n" for r in remaining))
     (out / _MARKER).write_text(
         "The *_FD00k.txt files here are synthetic engines in NASA's C-MAPSS format, written by "
-        f"polyak.study.cmapss.write_synthetic_cmapss (seed {seed}); they are not NASA's data.\n"
+        f"polyak.cli.study.cmapss.write_synthetic_cmapss (seed {seed}); they are not NASA's data.\n"
     )
     return paths

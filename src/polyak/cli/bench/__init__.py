@@ -11,14 +11,14 @@ float64 reference as it goes. Memory: what building a candidate left allocated (
 bytes allocated by one update, both from the torch profiler's memory events. A sweep measures
 the Python overhead of one update at 8 to 1000 tensors.
 
-Modules: :mod:`~polyak.bench.config` (settings, flags), :mod:`~polyak.bench.models` (the
-shapes), :mod:`~polyak.bench.peers` (the peers and their loader),
-:mod:`~polyak.bench.candidates` (one interface over everything timed),
-:mod:`~polyak.bench.run` (the timed tables), :mod:`~polyak.bench.probes` (overhead, compile
-time, bf16 precision), :mod:`~polyak.bench.report` (tables and files).
+Modules: :mod:`~polyak.cli.bench.config` (settings, flags), :mod:`~polyak.cli.bench.models` (the
+shapes), :mod:`~polyak.cli.bench.peers` (the peers and their loader),
+:mod:`~polyak.cli.bench.candidates` (one interface over everything timed),
+:mod:`~polyak.cli.bench.run` (the timed tables), :mod:`~polyak.cli.bench.probes` (overhead, compile
+time, bf16 precision), :mod:`~polyak.cli.bench.report` (tables and files).
 
 Example:
-    >>> from polyak.bench import BenchConfig, run_bench
+    >>> from polyak.cli.bench import BenchConfig, run_bench
     >>> config = BenchConfig(quick=True, shapes="mlp", peers="", multi=0, output_dir=None,
     ...                      precision=False, sweep=False)
     >>> config.scale = 0.005  # a 25x25 MLP: this example takes about a second
@@ -38,7 +38,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from polyak.bench.config import (
+from polyak.cli.bench.config import (
     PEERS,
     SHAPES,
     SWEEP_TENSORS,
@@ -68,11 +68,12 @@ def run_bench(config: BenchConfig | None = None) -> dict[str, Any]:
     """
     import torch
 
-    from polyak.bench import probes, report, run
+    from polyak.cli import common
+    from polyak.cli.bench import probes, report, run
 
     config = config or BenchConfig()
     if config.output_dir is not None:
-        report.check_output_dir(config.output_dir, "output_dir")
+        common.check_output_dir(config.output_dir, "output_dir")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     result: dict[str, Any] = {

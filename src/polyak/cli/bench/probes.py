@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from polyak import EMA
-from polyak.bench.config import SWEEP_TENSORS
-from polyak.bench.models import build_model, one_element_tensors
+from polyak.cli.bench.config import SWEEP_TENSORS
+from polyak.cli.bench.models import build_model, one_element_tensors
 
 __all__ = ["overhead_sweep", "python_overhead", "run_compile_probe", "run_precision"]
 
@@ -85,7 +85,7 @@ def python_overhead(shape: str, config: Any) -> dict[str, float]:
 def overhead_sweep(config: Any) -> dict[str, Any]:
     """Seconds of Python per ``update()`` against the number of tensors.
 
-    Models of :data:`~polyak.bench.config.SWEEP_TENSORS` one-element float32 parameters, so the
+    Models of :data:`~polyak.cli.bench.config.SWEEP_TENSORS` one-element float32 parameters, so the
     kernels move next to no memory; for each, ``update()`` minus the same
     ``torch._foreach_lerp_`` over its :meth:`polyak.EMA.update_lists` lists (the median over 600
     back-to-back pairs, see :func:`_overhead_s`), for the default and the ``flat_params=True``
@@ -115,7 +115,7 @@ def run_compile_probe(config: Any) -> dict[str, Any]:
 
     code = (
         "import time, torch, polyak\n"
-        "from polyak.bench.models import build_model\n"
+        "from polyak.cli.bench.models import build_model\n"
         "m = build_model('transformer', 0.05)\n"
         "e = polyak.EMA(m, [0.9, 0.99, 0.999, 0.9999, 0.99999], flat_params=True,"
         " compile_update=True)\n"

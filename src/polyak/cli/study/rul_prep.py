@@ -7,7 +7,7 @@ order, each with its source, are those of :func:`prepare_rul`.
 
 Example:
     >>> import tempfile
-    >>> from polyak.study.cmapss import load_cmapss, write_synthetic_cmapss
+    >>> from polyak.cli.study.cmapss import load_cmapss, write_synthetic_cmapss
     >>> folder = tempfile.mkdtemp()
     >>> _ = write_synthetic_cmapss(folder, train_units=10, test_units=4, seed=1)
     >>> data = prepare_rul(load_cmapss(folder), val_fraction=0.2)
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from polyak.study.cmapss import CONDITIONS, SENSORS, CmapssData
+from polyak.cli.study.cmapss import CONDITIONS, SENSORS, CmapssData
 
 __all__ = [
     "RulData",

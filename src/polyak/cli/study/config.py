@@ -21,7 +21,7 @@ DATASETS = ("auto", "fashion-mnist", "digits")
 """Classification sets the study trains on (``auto``: Fashion-MNIST if installed, else digits)."""
 TASKS = ("default", "rul")
 """``default``: classification with label noise and the diabetes regression; ``rul``: remaining
-useful life on the user's NASA C-MAPSS files (:mod:`polyak.study.rul`)."""
+useful life on the user's NASA C-MAPSS files (:mod:`polyak.cli.study.rul`)."""
 
 
 class TrainingDiverged(ValueError):
@@ -229,7 +229,7 @@ def _check_common(cfg: StudyConfig, counts: tuple[str, ...]) -> None:
 def _resolved_rul(cfg: StudyConfig) -> StudyConfig:
     """``--task rul``: its defaults (and ``--quick``'s) for the fields left at theirs; a field
     it has no use for, or a missing ``--data-dir``, is an error."""
-    from polyak.study.cmapss import SUBSETS, files_hint
+    from polyak.cli.study.cmapss import SUBSETS, files_hint
 
     for name in _NOT_RUL:
         if not cfg._left(name):

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from polyak.study.report import provenance
-from polyak.study.rul import LIVE
+from polyak.cli.study.report import provenance
+from polyak.cli.study.rul import LIVE
 
 __all__ = ["claim_verdict", "rul_findings", "rul_table", "write_rul_outputs"]
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
-import platform
-import re
 import statistics
-from importlib import metadata
 from typing import Any
 
-import torch
+from polyak.cli import common
 
 __all__ = [
-    "check_output_dir",
     "compile_line",
     "goals",
     "goals_table",
@@ -33,34 +26,11 @@ _DISTS = ("polyak", "torch", "numpy", "timm", "ema-pytorch", "torch_ema", "diffu
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    }
+    return common.machine()
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for name in _DISTS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return common.versions(_DISTS)
 
 
 def header(result: dict[str, Any]) -> str:
@@ -345,34 +315,12 @@ def skipped_list(skipped: dict[str, str]) -> str:
     return "Skipped peers:\n" + "\n".join(f"- {k}: {v}" for k, v in sorted(skipped.items()))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def check_output_dir(directory: str, what: str = "output directory") -> None:
-    """Create ``directory`` if needed; a ``ValueError`` naming ``what`` and the path if it is a
-    file, cannot be created or cannot be written (checked before a run, not at its end)."""
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"{what} {directory} is a file, not a directory")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{what} {directory}: cannot create the directory ({e.strerror})") from e
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {directory}: the directory is not writable")
-
-
 def write(result: dict[str, Any], directory: str) -> list[str]:
     """``<date>_<cpu>_<cores>c_torch-<v>_py<v>[_quick].{json,md}`` in ``directory``."""
-    check_output_dir(directory)
-    m, v = result["machine"], result["versions"]
-    cpu = _slug(re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", m["cpu"]))
-    stem = f"{m['date'][:10]}_{cpu}_{m['cores']}c_torch-{v['torch']}_py{m['python']}" + (
-        "_quick" if result["config"]["quick"] else ""
+    stem = common.result_stem(
+        result["machine"], result["versions"], tag="quick" if result["config"]["quick"] else ""
     )
-    base = os.path.join(directory, stem)
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    m = result["machine"]
     parts = [
         f"# polyak bench, {m['date']}",
         "",
@@ -408,6 +356,4 @@ def write(result: dict[str, Any], directory: str) -> list[str]:
     parts.append(goals_table(result["goals"]))
     if result.get("skipped"):
         parts.append(skipped_list(result["skipped"]) + "\n")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(parts))
-    return [base + ".json", base + ".md"]
+    return [str(p) for p in common.write_result(directory, stem, result, "\n".join(parts))]

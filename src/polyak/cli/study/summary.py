@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from polyak import metrics
-from polyak.study.classify import LIVE
+from polyak.cli.study.classify import LIVE
 
 __all__ = ["summarise_noise_level"]
 

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from polyak import EMA
-from polyak.bench.candidates import Candidate, clone_model, measure_update, memory_of
-from polyak.bench.models import build_model, describe
-from polyak.bench.peers import make_peer
-from polyak.bench.probes import python_overhead
+from polyak.cli.bench.candidates import Candidate, clone_model, measure_update, memory_of
+from polyak.cli.bench.models import build_model, describe
+from polyak.cli.bench.peers import make_peer
+from polyak.cli.bench.probes import python_overhead
 
 __all__ = ["Flusher", "run_multi", "run_shape", "time_interleaved"]
 

@@ -1,11 +1,11 @@
 """The study's post-hoc lines: a finding per noise level and the report's section (its figure is
-drawn by :mod:`polyak.study.plots`)."""
+drawn by :mod:`polyak.cli.study.plots`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from polyak.study.plots import POSTHOC_PNG
+from polyak.cli.study.plots import POSTHOC_PNG
 
 __all__ = ["posthoc_findings", "posthoc_section"]
 

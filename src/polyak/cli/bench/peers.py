@@ -16,8 +16,8 @@ import types
 import torch
 from torch import nn
 
-from polyak.bench.candidates import Candidate
-from polyak.bench.config import PEERS
+from polyak.cli.bench.candidates import Candidate
+from polyak.cli.bench.config import PEERS
 
 __all__ = ["PEERS", "make_peer", "timm_model_ema"]
 

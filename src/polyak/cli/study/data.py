@@ -4,7 +4,7 @@ Everything here is NumPy and the standard library; scikit-learn is imported only
 that need it. Every loader is deterministic given its ``seed``.
 
 Example:
-    >>> from polyak.study.data import resolve_dataset
+    >>> from polyak.cli.study.data import resolve_dataset
     >>> ds, message = resolve_dataset("auto")  # Fashion-MNIST if installed, else digits
     >>> ds.x_train.dtype, ds.task
     (dtype('float32'), 'classification')

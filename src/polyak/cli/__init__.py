@@ -1,10 +1,11 @@
 """The ``polyak`` command line (also ``python -m polyak``): ``polyak study``, ``polyak bench``
 and ``polyak posthoc``.
 
-Thin shells over :func:`polyak.study.run.run_study`, :func:`polyak.bench.run_bench` (every flag
-is a field of their config dataclass) and :mod:`polyak.posthoc_cli`. A mistake of the user (a
-bad value, an unknown name, a missing or corrupt data directory or store, an output directory
-that cannot be written, a missing optional dependency) is one line on stderr and exit status 2,
+Thin shells over :func:`polyak.cli.study.run.run_study`, :func:`polyak.cli.bench.run_bench`
+(every flag is a field of their config dataclass) and :mod:`polyak.posthoc_cli`. A mistake of
+the user (a bad value, an unknown name, a missing or corrupt data directory or store, an output
+directory that cannot be written, a missing optional dependency) is one line on stderr and exit
+status 2,
 found before any work starts (a corrupt snapshot file: when it is read, before anything is
 written); ``--debug`` shows the traceback instead. Anything else is a bug and keeps its
 traceback.
@@ -41,9 +42,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    from polyak.bench.config import add_arguments as bench_arguments
+    from polyak.cli.bench.config import add_arguments as bench_arguments
+    from polyak.cli.study.config import add_arguments as study_arguments
     from polyak.posthoc_cli import add_arguments as posthoc_arguments
-    from polyak.study.config import add_arguments as study_arguments
 
     debug = _Parser(add_help=False)
     debug.add_argument(
@@ -113,19 +114,21 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
 
         return prepare(args)
     if args.command == "study":
-        from polyak.study.config import config_from_args
+        from polyak.cli.study.config import config_from_args
 
         config = config_from_args(args)
         config.resolved()  # a bad flag is found before torch is imported
-        from polyak.study.run import prepare_study, run_study
+        from polyak.cli.study.run import prepare_study, run_study
 
         plan = prepare_study(config)
         return lambda: run_study(plan)
-    from polyak.bench import config_from_args as bench_config
-    from polyak.bench import run_bench
+    from polyak.cli.bench import config_from_args as bench_config
+    from polyak.cli.bench import run_bench
 
     bench = bench_config(args)
-    from polyak.bench.report import check_output_dir  # imports torch: missing, it fails here
+    import torch  # noqa: F401  (missing, it fails here, before any work)
+
+    from polyak.cli.common import check_output_dir
 
     if bench.output_dir is not None:
         check_output_dir(bench.output_dir, "--output-dir")
@@ -140,7 +143,7 @@ def _run_errors(command: str) -> tuple[type[Exception], ...]:
 
         return (StoreError,)
     if command == "study":
-        from polyak.study.config import TrainingDiverged
+        from polyak.cli.study.config import TrainingDiverged
 
         return (TrainingDiverged,)
     return ()

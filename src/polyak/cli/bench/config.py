@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 SHAPES = ("transformer", "mlp", "resnet50", "transformer-bf16")
-"""Model shapes (built by :func:`polyak.bench.models.build_model`)."""
+"""Model shapes (built by :func:`polyak.cli.bench.models.build_model`)."""
 
 PEERS = (
     "AveragedModel",
@@ -33,7 +33,7 @@ PEERS = (
     "diffusers",
     "diffusers-foreach",
 )
-"""The peer EMAs the benchmark compares with (built by :func:`polyak.bench.peers.make_peer`)."""
+"""The peer EMAs the benchmark compares with (built by :func:`polyak.cli.bench.peers.make_peer`)."""
 
 MULTI_SHAPES = ("transformer", "resnet50")  # mlp: 5 averages x 5 candidates of 400 MB
 SWEEP_TENSORS = (8, 100, 400, 1000)
@@ -60,7 +60,7 @@ def _names(value: Any, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 @dataclass
 class BenchConfig:
-    """Settings of :func:`polyak.bench.run_bench`; each field is a flag (``--multi-shapes``).
+    """Settings of :func:`polyak.cli.bench.run_bench`; each field is a flag (``--multi-shapes``).
 
     Args:
         shapes: model shapes to time, from :data:`SHAPES`.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polyak.bench.config import SHAPES
+from polyak.cli.bench.config import SHAPES
 
 __all__ = ["SHAPES", "build_model", "describe", "one_element_tensors"]
 

@@ -5,7 +5,7 @@
     python examples/ddp_fsdp2.py --fast                           # starts 2 processes itself
 
 Under FSDP2 each rank averages only the shard of each parameter it owns: ``ema.update()`` issues
-no collective. ``ema.full_state_dict()`` gathers the full average once (rank 0 gets it) for
+no collective. ``ema.state_dict(full=True)`` gathers the full average once (rank 0 gets it) for
 export; it loads into an unsharded model or at any world size. Under DDP every rank keeps an
 identical average without communicating; rank 0 saves it.
 
@@ -77,7 +77,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
             averaged = nn.functional.cross_entropy(model(xv), yv).item()
     held = ema.nbytes
     sharded_ms = median_update_ms(ema, args.repeats)
-    full = ema.full_state_dict()  # collective: every rank calls it; rank 0 gets the result
+    full = ema.state_dict(full=True)  # collective: every rank calls it; rank 0 gets the result
     if rank == 0:
         assert full is not None
         plain = make_model(args.width)

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     probs, _ = ensemble_predictions([averaged], val_loader)
     results[f"weight average of {k}"] = report(probs, labels)
 
-    recompute_bn(ema.module, train_loader)  # writes the EMA's own BatchNorm statistics
-    probs, _ = ensemble_predictions([ema.module], val_loader)
+    recompute_bn(ema.get_module(), train_loader)  # writes the EMA's own BatchNorm statistics
+    probs, _ = ensemble_predictions([ema.get_module()], val_loader)
     results["EMA (decay 0.99)"] = report(probs, labels)
 
     print(f"digits: {len(train)} train / {len(val)} validation, {epochs} epochs at lr 0.3")

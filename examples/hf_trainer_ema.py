@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         trainer, cb = run(out / "whole", steps)
-        print(f"{cb.ema.step} optimizer steps, {cb.ema.num_updates} EMA updates")
+        print(f"{cb.ema.step} optimizer steps, {cb.ema.timeline.num_updates} EMA updates")
         print(" step  eval_loss live  eval_loss EMA")
         history = trainer.state.log_history
         live = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}

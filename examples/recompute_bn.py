@@ -5,8 +5,9 @@ produce other activations than the live ones, so neither the live statistics (``
 nor their average (``buffers="average"``, EMAN) fit them exactly, and the longer the averaging
 window the worse. ``polyak.recompute_bn`` runs training data through the averaged weights with a
 cumulative average (torch ``update_bn`` semantics) and writes the statistics into the EMA's own
-storage, via ``ema.module`` or inside ``with ema.swapped(model):`` (the live model's statistics
-are left alone). Morales-Brotons et al. (TMLR 2024, Table 24) found recomputing always helps.
+storage, via ``ema.get_module()`` or inside ``with ema.swapped(model):`` (the live model's
+statistics are left alone). Morales-Brotons et al. (TMLR 2024, Table 24) found recomputing
+always helps.
 
     python examples/recompute_bn.py            # ~10 s on 2 CPU cores
     python examples/recompute_bn.py --fast     # a few seconds (used by the tests)

@@ -118,7 +118,7 @@ def fsdp_matches_unsharded(rank: int, world: int, out: str) -> None:
     with counter:
         ema.update()  # ...the update reshards first (no communication)
     ref_ema.update()
-    full = ema.full_state_dict()
+    full = ema.state_dict(full=True)
     if rank == 0:
         assert full is not None
         torch.save(
@@ -148,7 +148,7 @@ def swap_and_check(rank: int, world: int, out: str) -> None:
         averaged = model(x)
     with torch.no_grad():
         live_again = model(x)
-    full = ema.full_state_dict()
+    full = ema.state_dict(full=True)
     if rank == 0:
         torch.save(
             {
@@ -170,8 +170,8 @@ def save_after(rank: int, world: int, out: str, steps: int, total: int) -> None:
         set_weights_(model, t)
         ema.update()
         if t == steps:
-            saved = ema.full_state_dict()
-    final = ema.full_state_dict()
+            saved = ema.state_dict(full=True)
+    final = ema.state_dict(full=True)
     if rank == 0:
         torch.save({"saved": saved, "final": final}, out)
 
@@ -183,7 +183,7 @@ def resume_sharded(rank: int, world: int, path: str, out: str, steps: int, total
     for t in range(steps + 1, total + 1):
         set_weights_(model, t)
         ema.update()
-    final = ema.full_state_dict()
+    final = ema.state_dict(full=True)
     if rank == 0:
         torch.save(final, out)
 
@@ -213,7 +213,7 @@ def ddp_identical(rank: int, world: int, out: str) -> None:
     dist.all_gather(gathered, flat)
     assert all(torch.equal(gathered[0], g) for g in gathered), "averages differ across ranks"
     if rank == 0:
-        torch.save({"ema": ema.state_dict(), "names": ema.tensor_names}, out)
+        torch.save({"ema": ema.state_dict(), "names": list(ema.averaged_tensors())}, out)
 
 
 def load_mismatch(rank: int, world: int, path: str, out: str) -> None:

@@ -46,9 +46,9 @@ def fits(rank: int, world: int, port: int, out: str) -> None:
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
 
     cb, res["fsdp_metrics"] = run(fsdp(), 2, ckpt_dir=root / "fsdp", shard=True)
-    res["fsdp"] = cb.ema.full_state_dict()
+    res["fsdp"] = cb.ema.state_dict(full=True)
     cb, _ = run(fsdp(), 2, ckpt_path=root / "fsdp" / "epoch=0.ckpt", shard=True)
-    res["fsdp_resumed"] = cb.ema.full_state_dict()
+    res["fsdp_resumed"] = cb.ema.state_dict(full=True)
     torch.save(res, root / f"rank{rank}.pt")
     _leave()
 

@@ -53,7 +53,7 @@ def test_update_every_k_equals_subsampled_stream_with_decay_power_k():
     sub = values[15::16]
     exp = reference.ema(sub, [0.99**16] * len(sub), init)
     np.testing.assert_allclose(ema.get(), exp, rtol=1e-12)
-    assert ema.last_decays == {"0.99": pytest.approx(0.99**16)}
+    assert ema.timeline.last_decays == {"0.99": pytest.approx(0.99**16)}
 
 
 def test_steps_argument_for_irregular_gaps():

@@ -38,7 +38,11 @@ def test_matches_float64_reference_for_every_tensor():
         np.testing.assert_allclose(avg[name].double().numpy(), exp, rtol=1e-5, atol=1e-6)
     assert avg["1.num_batches_tracked"].item() == model[1].num_batches_tracked.item() == 30
     assert avg["1.num_batches_tracked"].dtype == torch.long
-    assert ema.step == 30 and ema.num_updates == 30 and ema.last_decays == {"0.9": 0.9}
+    assert (
+        ema.step == 30
+        and ema.timeline.num_updates == 30
+        and ema.timeline.last_decays == {"0.9": 0.9}
+    )
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -116,13 +120,13 @@ def test_buffer_policies_and_integer_buffers(policy):
     for _ in range(3):
         randomize_(model, gen)
         ema.update()
-    names = ema.tensor_names
+    names = list(ema.averaged_tensors())
     assert "1.num_batches_tracked" in names  # integers always copied
     assert ema.averaged_tensors()["1.num_batches_tracked"].item() == 3
     live = model[1].running_mean
     if policy == "ignore":
         assert "1.running_mean" not in names
-        assert ema.module[1].running_mean is live  # shared with the model
+        assert ema.get_module()[1].running_mean is live  # shared with the model
     elif policy == "copy":
         assert torch.equal(ema.averaged_tensors()["1.running_mean"], live)
     else:
@@ -131,9 +135,9 @@ def test_buffer_policies_and_integer_buffers(policy):
 
 def test_include_exclude_globs():
     ema = polyak.EMA(bn_net(), 0.5, exclude=["*.bias", "1.*"])
-    assert ema.tensor_names == ["0.weight", "3.weight"]
+    assert list(ema.averaged_tensors()) == ["0.weight", "3.weight"]
     ema = polyak.EMA(bn_net(), 0.5, include="0.*")
-    assert ema.tensor_names == ["0.weight", "0.bias"]
+    assert list(ema.averaged_tensors()) == ["0.weight", "0.bias"]
     with pytest.raises(ValueError, match="no tensor to average"):
         polyak.EMA(bn_net(), include="nothing*")
     with pytest.raises(TypeError, match="glob"):
@@ -144,8 +148,8 @@ def test_names_are_canonical_through_wrappers():
     model = bn_net()
     wrapped = nn.DataParallel(torch.compile(model, backend="eager"))
     ema = polyak.EMA(wrapped, 0.5)
-    assert "0.weight" in ema.tensor_names
-    assert all(not n.startswith(("module.", "_orig_mod.")) for n in ema.tensor_names)
+    assert "0.weight" in list(ema.averaged_tensors())
+    assert all(not n.startswith(("module.", "_orig_mod.")) for n in list(ema.averaged_tensors()))
     sd = ema.state_dict()
     sd["averages"]["0.5"] = {"module._orig_mod." + k: v for k, v in sd["averages"]["0.5"].items()}
     plain = polyak.EMA(bn_net(seed=1), 0.5)
@@ -187,8 +191,8 @@ def test_swapped_gives_training_weights_back_bit_for_bit_even_on_error():
     model.eval()
     with ema.swapped():
         y_avg = model(x)
-    ema.module.eval()
-    torch.testing.assert_close(y_avg, ema.module(x), rtol=0, atol=0)
+    ema.get_module().eval()
+    torch.testing.assert_close(y_avg, ema.get_module()(x), rtol=0, atol=0)
 
 
 def test_update_and_checkpoint_while_swapped():
@@ -237,16 +241,16 @@ def test_copy_to_is_permanent():
 def test_module_shares_storage_follows_updates_and_keeps_ties():
     model = Tied()
     ema = polyak.EMA(model, 0.5)
-    m = ema.module
+    m = ema.get_module()
     assert m.head.weight is m.emb.weight  # still tied
     assert m.emb.weight.data_ptr() == ema.averaged_tensors()["emb.weight"].data_ptr()
     assert not m.training and not m.emb.weight.requires_grad
-    assert ema.tensor_names == ["emb.weight"]
+    assert list(ema.averaged_tensors()) == ["emb.weight"]
     with torch.no_grad():
         model.emb.weight.add_(1.0)
     ema.update()
     assert torch.equal(m.emb.weight, ema.averaged_tensors()["emb.weight"])
-    assert ema.module is m  # cached
+    assert ema.get_module() is m  # cached
 
 
 def test_lazy_module_builds_at_first_update():
@@ -286,7 +290,7 @@ def test_state_dict_round_trip_with_weights_only_and_exact_resume():
     for name in decays:
         for k, v in full.averaged_tensors(name).items():
             assert torch.equal(resumed.averaged_tensors(name)[k], v), (name, k)
-    assert resumed.step == 30 and resumed.last_decays == full.last_decays
+    assert resumed.step == 30 and resumed.timeline.last_decays == full.timeline.last_decays
 
 
 def test_load_keeps_dtype_and_validates_before_writing():
@@ -349,7 +353,7 @@ def test_compiled_model_sees_swapped_weights():
         avg_out = compiled(x)
     torch.testing.assert_close(compiled(x), live_out)
     assert not torch.allclose(avg_out, live_out)
-    torch.testing.assert_close(avg_out, ema.module(x))
+    torch.testing.assert_close(avg_out, ema.get_module()(x))
 
 
 def test_bad_arguments():
@@ -431,7 +435,7 @@ def test_update_lists_are_the_update_kernels():
                 p.add_(1.0)
         ema.update()
         for name, decay in zip(twin.names, (0.9, 0.5)):
-            lists = twin.update_lists(name)
+            lists = twin._update_lists(name)
             with torch.no_grad():
                 for avgs, sources in lists.averaged:
                     torch._foreach_lerp_(avgs, sources, 1.0 - decay)
@@ -440,8 +444,8 @@ def test_update_lists_are_the_update_kernels():
             ours, theirs = ema.averaged_tensors(name), twin.averaged_tensors(name)
             for n in ours:
                 assert torch.equal(ours[n], theirs[n]), (flat, name, n)
-        assert ema.update_lists("0.9").launches >= 1
-    assert len(polyak.EMA(model, flat_params=True).update_lists().averaged[0][0]) == 1
+        assert ema._update_lists("0.9").launches >= 1
+    assert len(polyak.EMA(model, flat_params=True)._update_lists().averaged[0][0]) == 1
 
 
 def test_averaged_state_dict_is_the_state_dict_inside_swapped():
@@ -467,24 +471,24 @@ def test_live_tensors_and_timeline_positions():
     model = bn_net()
     ema = polyak.EMA(model, 0.9, update_every=2, start_step=3)
     live = ema.live_tensors()
-    assert list(live) == ema.tensor_names
+    assert list(live) == list(ema.averaged_tensors())
     assert (
         live["0.weight"] is model[0].weight
         and live["1.num_batches_tracked"] is model[1].num_batches_tracked
     )
     for _ in range(5):
         ema.update()
-    assert (ema.step, ema.last_update_step, ema.start_step) == (5, 4, 3)
+    assert (ema.step, ema.timeline.last_update_step, ema.timeline.start_step) == (5, 4, 3)
 
 
 def test_module_per_batch_costs_nothing_between_updates(monkeypatch):
     model = bn_net()
     ema = polyak.EMA(model, 0.9)
-    module = ema.module
+    module = ema.get_module()
     calls = []
     monkeypatch.setattr(ema._binding, "verify", lambda: calls.append(1))
     for _ in range(5):
-        assert ema.module is module  # an eval loop: no check, no reduction
+        assert ema.get_module() is module  # an eval loop: no check, no reduction
     assert calls == []
     ema.update()
-    assert ema.module is module and calls == [1]  # checked again after an update
+    assert ema.get_module() is module and calls == [1]  # checked again after an update

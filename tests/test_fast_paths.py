@@ -410,7 +410,7 @@ def test_compiled_update_equals_eager_bit_for_bit_and_allocates_nothing():
     # decays of 0 and 1 (copy, skip) take the eager path
     ema = polyak.EMA(bn_net(), [schedules.uniform(), 0.9], flat_params=True, compile_update=True)
     ema.update()  # uniform's first decay is 0: a copy
-    assert ema.last_decays[ema.names[0]] == 0.0
+    assert ema.timeline.last_decays[ema.names[0]] == 0.0
 
 
 def test_compiled_update_without_flat_weights_warns_and_stays_eager():

@@ -357,8 +357,8 @@ def test_a_new_head_of_another_shape_and_added_and_removed_tensors():
     report = ema.rebind(model)
     assert report["dropped"] == ["head.bias"] and set(report["new"]) == {"head.weight", "extra"}
     ema.update()
-    assert ema.tensor_names == [n for n, _ in model.named_parameters()]
-    assert "head.bias" not in ema.tensor_names
+    assert list(ema.averaged_tensors()) == [n for n, _ in model.named_parameters()]
+    assert "head.bias" not in list(ema.averaged_tensors())
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (4,), (7, 4)])
@@ -533,7 +533,7 @@ def test_propagate_reports_a_non_finite_average_when_it_is_handed_out():
     with pytest.warns(UserWarning, match="inf/nan"):
         ema.state_dict()
     with pytest.warns(UserWarning, match="inf/nan"):
-        _ = ema.module
+        _ = ema.get_module()
     target = bn_net()
     before = live(target)
     with pytest.raises(polyak.NonFiniteError, match="nothing was copied"):
@@ -582,7 +582,7 @@ def test_updates_from_two_threads_are_all_counted():
             t.join()
     finally:
         sys.setswitchinterval(interval)
-    assert ema.step == 2 * n and ema.num_updates == 2 * n
+    assert ema.step == 2 * n and ema.timeline.num_updates == 2 * n
 
 
 def test_an_average_named_copied_loads_its_own_checkpoint():

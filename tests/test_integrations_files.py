@@ -85,7 +85,7 @@ def test_a_save_reads_back_as_it_was(folder):
         nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), {"slow": 0.9, "fast": 0.5}
     )
     fresh.load_state_dict(saved.state)
-    assert (fresh.step, fresh.num_updates) == (1, 1)
+    assert (fresh.step, fresh.timeline.num_updates) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute"])

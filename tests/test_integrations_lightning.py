@@ -53,7 +53,7 @@ def test_one_update_per_optimizer_step_equals_a_manual_ema_and_the_float64_refer
     fit = trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[rec, cb])
     fit.fit(model, data(7))  # 7 micro-batches: steps after 3, 6 and 7 in each epoch
     assert fit.global_step == 6
-    assert cb.ema.step == cb.ema.num_updates == len(rec.states) - 1 == 6
+    assert cb.ema.step == cb.ema.timeline.num_updates == len(rec.states) - 1 == 6
 
     replay = Regression()  # a manual polyak.EMA updated after each optimizer step
     replay.load_state_dict(rec.states[0])
@@ -101,7 +101,7 @@ def test_no_swap_in_the_sanity_check_or_before_the_first_update():
     # after one step nothing is averaged yet: the live weights, not the initial copy
     assert step1[1] == 1 and torch.equal(step1[2], rec.states[1]["net.3.weight"])
     assert not torch.equal(step1[2], rec.states[0]["net.3.weight"])
-    assert step2[1] == 2 and cb.ema.num_updates == 1
+    assert step2[1] == 2 and cb.ema.timeline.num_updates == 1
     assert torch.equal(step2[2], cb.ema.averaged_tensors()["net.3.weight"])
     assert not torch.equal(step2[2], rec.states[2]["net.3.weight"])
     assert step3[1] == 3 and torch.equal(step3[2], step2[2])  # not due at step 3

@@ -20,7 +20,7 @@ def test_morales_brotons_decays_counted_per_ema_update():
     for t, v in enumerate(x, start=1):
         ema.update(v)
         if t % 16 == 0:
-            for n, d in ema.last_decays.items():
+            for n, d in ema.timeline.last_decays.items():
                 seen[n].append(d)
     for alpha, name in zip(presets.MORALES_BROTONS_DECAYS, ema.names):
         expected = [min(alpha, (s + 1) / (s + 10)) for s in range(300)]  # s from 0 per update

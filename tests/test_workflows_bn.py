@@ -126,7 +126,7 @@ def test_on_ema_module_writes_the_average_not_the_live_model():
     live = {k: v.clone() for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in ema.averaged_tensors().items()}
     loader, x = _loader()
-    module = ema.module
+    module = ema.get_module()
     recompute_bn(module, loader)
     after = ema.averaged_tensors()
     for k in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):

@@ -70,7 +70,7 @@ def test_update_on_ema_module_and_history_padding():
     ema = polyak.EMA(model, decay=0.5)
     stopper = EarlyStopping(patience=2, mode="max")
     stopper.update({"live": 0.5}, {"live": model})
-    stopper.update({"live": 0.6, "ema": 0.9}, {"live": model, "ema": ema.module})
+    stopper.update({"live": 0.6, "ema": 0.9}, {"live": model, "ema": ema.get_module()})
     stopper.update({"ema": 0.8})
     assert stopper.history["live"] == [0.5, 0.6, pytest.approx(math.nan, nan_ok=True)]
     assert stopper.history["ema"][0] != stopper.history["ema"][0]  # NaN before its first report

@@ -72,7 +72,7 @@ def test_ema_loss_is_computed_from_the_averaged_weights(digits):
     h = train_with_ema(model, train, val, opt, ce, 2, ema=ema, final_weights="live")
     assert abs(h["val_loss_ema"][-1] - h["val_loss"][-1]) > 1e-3
     assert evaluate(model, val, ce) == pytest.approx(h["val_loss"][-1], rel=1e-6)
-    assert evaluate(ema.module, val, ce) == pytest.approx(h["val_loss_ema"][-1], rel=1e-6)
+    assert evaluate(ema.get_module(), val, ce) == pytest.approx(h["val_loss_ema"][-1], rel=1e-6)
     with ema.swapped(model):
         assert evaluate(model, val, ce) == pytest.approx(h["val_loss_ema"][-1], rel=1e-6)
     assert ema.step == 20
@@ -133,7 +133,7 @@ def test_accumulation_updates_the_average_once_per_optimizer_step(digits):
     h = train_with_ema(
         model, train, val, opt, nn.CrossEntropyLoss(), 2, ema=ema, accumulation_steps=4
     )
-    assert len(steps) == ema.step == ema.num_updates == 2 * 10  # ceil(38 / 4) per epoch
+    assert len(steps) == ema.step == ema.timeline.num_updates == 2 * 10  # ceil(38 / 4) per epoch
     assert h["steps"] == [10, 20]
 
 

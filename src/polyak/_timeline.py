@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from warnings import warn
 
+from polyak._deprecation import deprecated
 from polyak._names import check_names
 from polyak.schedules import Schedule, as_schedule
+from polyak.types import DecayLike, OneDecay
 
-__all__ = ["Plan", "Timeline", "TimelineViews", "parse_decays", "row_of"]
+__all__ = ["Plan", "Timeline", "TimelineState", "TimelineViews", "parse_decays", "row_of"]
 
 
-def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
+def parse_decays(decay: object) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
     """Names and schedules from ``decay``: a float, a schedule, or a sequence / dict of them.
 
     A dict gives the names; otherwise each average is named after its schedule (``"0.999"``,
@@ -42,11 +44,11 @@ def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
         bad = [n for n in names if not isinstance(n, str) or not n]
         if bad:
             raise TypeError(f"decay: average names must be non-empty strings, got {bad!r}")
-        return names, tuple(as_schedule(decay[n]) for n in names)
+        return names, tuple(as_schedule(cast(OneDecay, decay[n])) for n in names)
     if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)):
         if not decay:
             raise ValueError("decay: the sequence of averages is empty")
-        schedules = tuple(as_schedule(d) for d in decay)
+        schedules = tuple(as_schedule(cast(OneDecay, d)) for d in decay)
         names = tuple(s.name for s in schedules)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -54,7 +56,7 @@ def parse_decays(decay: Any) -> tuple[tuple[str, ...], tuple[Schedule, ...]]:
                 f"decay: several averages would be named {dupes}; pass a dict to name them"
             )
         return names, schedules
-    schedule = as_schedule(decay)
+    schedule = as_schedule(cast(OneDecay, decay))
     return (schedule.name,), (schedule,)
 
 
@@ -85,7 +87,7 @@ class Timeline:
         start_step: updates at optimizer steps ``<= start_step`` copy the live weights.
     """
 
-    def __init__(self, decay: Any, *, update_every: int = 1, start_step: int = 0) -> None:
+    def __init__(self, decay: DecayLike, *, update_every: int = 1, start_step: int = 0) -> None:
         self.names, self.schedules = parse_decays(decay)
         self.update_every = _check_int(update_every, "update_every", 1)
         self.start_step = _check_int(start_step, "start_step", 0)
@@ -218,8 +220,32 @@ class Timeline:
         self.stage_state(state)()
 
 
+@dataclass(frozen=True)
+class TimelineState:
+    """Where the averages stand in time (a snapshot; read :attr:`EMA.timeline` again for later
+    values). Every count is a Python int: reading it never syncs with a device.
+
+    Attributes:
+        step: optimizer steps counted so far.
+        num_updates: how many times the averages were changed (``step / update_every`` or
+            fewer).
+        last_update_step: the optimizer step of the last update (0 before any).
+        start_step: updates at optimizer steps up to this one copy the weights.
+        update_every: the averages change every this many optimizer steps.
+        last_decays: the decay each average received at its last update (``None`` before any).
+    """
+
+    step: int
+    num_updates: int
+    last_update_step: int
+    start_step: int
+    update_every: int
+    last_decays: dict[str, float | None]
+
+
 class TimelineViews:
-    """Read-only views of a ``_timeline`` shared by :class:`polyak.EMA` and ``ArrayEMA``."""
+    """Read-only views of a ``_timeline`` shared by :class:`polyak.EMA`, ``ArrayEMA`` and
+    ``PostHocEMA``."""
 
     _timeline: Timeline
 
@@ -234,23 +260,37 @@ class TimelineViews:
         return self._timeline.step
 
     @property
+    def timeline(self) -> TimelineState:
+        """Every counter at once: steps, updates, the last update's step and decays, the start
+        step and the update period (:class:`TimelineState`)."""
+        t = self._timeline
+        return TimelineState(
+            t.step, t.num_updates, t.last_update_step, t.start_step, t.update_every,
+            t.last_decay_by_name,
+        )  # fmt: skip
+
+    @property
     def num_updates(self) -> int:
-        """How many times the averages were changed (``step / update_every`` or fewer)."""
+        """Deprecated: ``timeline.num_updates``."""
+        deprecated(f"{type(self).__name__}.num_updates", "timeline.num_updates")
         return self._timeline.num_updates
 
     @property
     def last_update_step(self) -> int:
-        """The optimizer step of the last update (0 before any)."""
+        """Deprecated: ``timeline.last_update_step``."""
+        deprecated(f"{type(self).__name__}.last_update_step", "timeline.last_update_step")
         return self._timeline.last_update_step
 
     @property
     def start_step(self) -> int:
-        """Updates at optimizer steps up to this one copy the weights (the constructor's)."""
+        """Deprecated: ``timeline.start_step``."""
+        deprecated(f"{type(self).__name__}.start_step", "timeline.start_step")
         return self._timeline.start_step
 
     @property
     def last_decays(self) -> dict[str, float | None]:
-        """The decay each average received at its last update (``None`` before any)."""
+        """Deprecated: ``timeline.last_decays``."""
+        deprecated(f"{type(self).__name__}.last_decays", "timeline.last_decays")
         return self._timeline.last_decay_by_name
 
     def _row(self, name: str | None) -> int:

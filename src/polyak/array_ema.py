@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from polyak._names import check_names
 from polyak._npz import load_npz, save_npz
@@ -16,6 +17,7 @@ from polyak._timeline import Timeline, TimelineViews
 from polyak._tree import flatten, rebuild
 from polyak.errors import NonFiniteError
 from polyak.kernels import _np_lerp_
+from polyak.types import ArrayTree, DecayLike, NonFinite
 
 __all__ = ["ArrayEMA"]
 
@@ -90,14 +92,14 @@ class ArrayEMA(TimelineViews):
 
     def __init__(
         self,
-        params: Any,
-        decay: Any = 0.999,
+        params: ArrayTree,
+        decay: DecayLike = 0.999,
         *,
-        init: str = "copy",
-        dtype: Any = None,
+        init: Literal["copy", "zero"] = "copy",
+        dtype: npt.DTypeLike | None = None,
         update_every: int = 1,
         start_step: int = 0,
-        nonfinite: str = "propagate",
+        nonfinite: NonFinite = "propagate",
     ) -> None:
         if init not in ("copy", "zero"):
             raise ValueError(f"init must be 'copy' or 'zero', got {init!r}")
@@ -105,7 +107,7 @@ class ArrayEMA(TimelineViews):
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if dtype is not None:
             try:
-                kind = np.dtype(dtype).kind
+                kind: str = np.dtype(dtype).kind
             except TypeError:
                 kind = "?"
             if kind not in "fc":
@@ -153,7 +155,7 @@ class ArrayEMA(TimelineViews):
         """Updates left out because the values were not finite (``nonfinite="skip"``)."""
         return self._skipped
 
-    def update(self, params: Any, *, steps: int = 1) -> None:
+    def update(self, params: ArrayTree, *, steps: int = 1) -> None:
         """Account for ``steps`` steps and, when due, move every average towards ``params``.
 
         Raises:
@@ -189,7 +191,7 @@ class ArrayEMA(TimelineViews):
                 stacklevel=3,
             )
 
-    def get(self, name: str | None = None, *, bias_correction: bool = False) -> Any:
+    def get(self, name: str | None = None, *, bias_correction: bool = False) -> ArrayTree:
         """A copy of the average ``name`` (needed when several are kept), shaped like ``params``.
 
         With ``bias_correction=True`` the initial values' leftover weight is removed (see the

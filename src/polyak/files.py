@@ -110,7 +110,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], data: object) -> None:
     """Write ``data`` as JSON to ``path`` atomically."""
     with _staged(Path(path), "w") as f:
         json.dump(data, f, indent=1)
@@ -257,7 +257,7 @@ def read_json(
     *,
     max_bytes: int = MAX_JSON_BYTES,
     missing: Callable[[Path], BaseException] | None = None,
-) -> Any:
+) -> object:
     """The JSON in ``path``: a regular file of at most ``max_bytes`` bytes, valid UTF-8 JSON.
 
     Args:

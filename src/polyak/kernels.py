@@ -179,7 +179,7 @@ def _halved(
     return over, out
 
 
-def ema_update_(avg: T, value: Any, decay: float) -> T:
+def ema_update_(avg: T, value: T, decay: float) -> T:
     """Update ``avg`` in place: ``avg <- decay*avg + (1-decay)*value``; return ``avg``.
 
     ``avg`` and ``value`` are NumPy arrays or torch tensors, or matching (possibly nested) lists,
@@ -220,7 +220,7 @@ def ema_update_(avg: T, value: Any, decay: float) -> T:
     return avg
 
 
-def ema_update(avg: T, value: Any, decay: float) -> T:
+def ema_update(avg: T, value: T, decay: float) -> T:
     """Return ``decay*avg + (1-decay)*value`` as new arrays; the inputs are not modified.
 
     Same structures and checks as :func:`ema_update_`. The result has the promoted dtype of

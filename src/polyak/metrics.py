@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "CalibrationBins",
@@ -109,7 +109,7 @@ def _top1(pred: Any, name: str) -> tuple[NDArray[np.int64], int | None, tuple[in
     raise ValueError(f"{name} must be (N, C) scores or (N,) class indices, got shape {a.shape}")
 
 
-def log_softmax(logits: Any, axis: int = -1) -> _Floats:
+def log_softmax(logits: ArrayLike, axis: int = -1) -> _Floats:
     """Numerically stable ``log_softmax(x)_i = (x_i - max x) - log sum_j exp(x_j - max x)``.
 
     Subtracting the maximum makes every exponent <= 0, so nothing overflows, and the result stays
@@ -133,7 +133,7 @@ def log_softmax(logits: Any, axis: int = -1) -> _Floats:
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
 
-def softmax(logits: Any, axis: int = -1) -> _Floats:
+def softmax(logits: ArrayLike, axis: int = -1) -> _Floats:
     """Numerically stable ``softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x)``.
 
     Computed as ``exp(log_softmax(x))``; same input rules and reference as :func:`log_softmax`.
@@ -144,7 +144,7 @@ def softmax(logits: Any, axis: int = -1) -> _Floats:
     return np.exp(log_softmax(logits, axis=axis))
 
 
-def accuracy(pred: Any, labels: Any) -> float:
+def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
     """Top-1 accuracy ``(1/N) sum_n 1[yhat_n = y_n]``.
 
     ``yhat`` is the argmax of ``(N, C)`` scores (first maximum on ties) or ``pred`` itself when it
@@ -158,7 +158,7 @@ def accuracy(pred: Any, labels: Any) -> float:
     return float(np.mean(yhat == y))
 
 
-def nll(probs: Any, labels: Any, *, eps: float = 1e-12) -> float:
+def nll(probs: ArrayLike, labels: ArrayLike, *, eps: float = 1e-12) -> float:
     """Mean negative log-likelihood ``-(1/N) sum_n log max(p_{n, y_n}, eps)``.
 
     Probabilities are used as given (rows must sum to 1 within 1e-3; they are not renormalised).
@@ -174,7 +174,7 @@ def nll(probs: Any, labels: Any, *, eps: float = 1e-12) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(y.size), y], float(eps), 1.0))))
 
 
-def nll_from_logits(logits: Any, labels: Any) -> float:
+def nll_from_logits(logits: ArrayLike, labels: ArrayLike) -> float:
     """Mean negative log-likelihood ``-(1/N) sum_n log_softmax(z_n)_{y_n}`` from logits.
 
     Exact for huge logits: no probability is formed, so nothing is clipped (Guo et al. 2017).
@@ -206,7 +206,10 @@ class CalibrationBins:
 
 
 def calibration_bins(
-    probs: Any, labels: Any, n_bins: int = 15, binning: str = "equal_width"
+    probs: ArrayLike,
+    labels: ArrayLike,
+    n_bins: int = 15,
+    binning: Literal["equal_width", "equal_mass"] = "equal_width",
 ) -> CalibrationBins:
     """Bin samples by top-1 confidence ``c_n = max_k p_{n,k}`` and report each bin's statistics.
 
@@ -253,7 +256,12 @@ def calibration_bins(
     return CalibrationBins(mean_conf, mean_acc, count, edges)
 
 
-def ece(probs: Any, labels: Any, n_bins: int = 15, binning: str = "equal_width") -> float:
+def ece(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    n_bins: int = 15,
+    binning: Literal["equal_width", "equal_mass"] = "equal_width",
+) -> float:
     """Expected calibration error ``sum_b (n_b / N) |acc_b - conf_b|`` over non-empty bins.
 
     Uses top-1 confidence; bins (and their edge/tie conventions) are those of
@@ -268,7 +276,7 @@ def ece(probs: Any, labels: Any, n_bins: int = 15, binning: str = "equal_width")
     return float(np.sum(b.count[filled] * gaps) / b.count.sum())
 
 
-def agreement(pred_a: Any, pred_b: Any) -> float:
+def agreement(pred_a: ArrayLike, pred_b: ArrayLike) -> float:
     """Fraction of samples whose top-1 predictions agree, ``(1/N) sum_n 1[yhat^a_n = yhat^b_n]``.
 
     Each argument is ``(N, C)`` scores (first argmax) or ``(N,)`` class indices
@@ -284,7 +292,7 @@ def agreement(pred_a: Any, pred_b: Any) -> float:
     return float(np.mean(a == b))
 
 
-def churn(pred_a: Any, pred_b: Any) -> float:
+def churn(pred_a: ArrayLike, pred_b: ArrayLike) -> float:
     """Prediction churn ``(1/N) sum_n 1[yhat^a_n != yhat^b_n] = 1 - agreement``.
 
     Bhojanapalli et al. (2021); Morales-Brotons et al. (2024), Table 3.
@@ -295,7 +303,7 @@ def churn(pred_a: Any, pred_b: Any) -> float:
     return 1.0 - agreement(pred_a, pred_b)
 
 
-def js_divergence(p: Any, q: Any, *, base: float | None = None) -> float:
+def js_divergence(p: ArrayLike, q: ArrayLike, *, base: float | None = None) -> float:
     """Mean Jensen-Shannon divergence ``(1/N) sum_n [KL(p_n||m_n) + KL(q_n||m_n)] / 2``.
 
     ``m = (p + q) / 2``, ``KL(p||m) = sum_k p_k log(p_k / m_k)`` with ``0 log 0 = 0``; natural log
@@ -337,7 +345,7 @@ def _pair(pred: Any, target: Any) -> _Floats:
     return a - b
 
 
-def rmse(pred: Any, target: Any) -> float:
+def rmse(pred: ArrayLike, target: ArrayLike) -> float:
     """Root mean squared error ``sqrt((1/n) sum_i (pred_i - target_i)^2)`` over all elements.
 
     Equals ``sqrt(sklearn.metrics.mean_squared_error)`` (uniform over outputs); shapes must match.
@@ -350,7 +358,7 @@ def rmse(pred: Any, target: Any) -> float:
     return 0.0 if s == 0.0 else s * float(np.sqrt(np.mean(np.square(d / s))))  # no overflow
 
 
-def mae(pred: Any, target: Any) -> float:
+def mae(pred: ArrayLike, target: ArrayLike) -> float:
     """Mean absolute error ``(1/n) sum_i |pred_i - target_i|`` over all elements.
 
     Equals ``sklearn.metrics.mean_absolute_error`` (uniform over outputs); shapes must match.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
+from polyak._deprecation import deprecated
 from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
 from polyak._torch import state as codec
@@ -27,6 +28,7 @@ from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_dtensor, reshard
 from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
 from polyak.errors import NonFiniteError
+from polyak.types import BufferPolicy, DecayLike, NonFinite
 
 __all__ = ["EMA", "UpdateLists"]
 
@@ -150,9 +152,9 @@ class EMA(TimelineViews):
     def __init__(
         self,
         model: nn.Module,
-        decay: Any = 0.999,
+        decay: DecayLike = 0.999,
         *,
-        buffers: str = "average",
+        buffers: BufferPolicy = "average",
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
         dtype: torch.dtype = torch.float32,
@@ -163,7 +165,7 @@ class EMA(TimelineViews):
         stochastic_rounding: bool = False,
         seed: int = 0,
         compile_update: bool = False,
-        nonfinite: str = "propagate",
+        nonfinite: NonFinite = "propagate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -350,7 +352,7 @@ class EMA(TimelineViews):
     def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
         """``{tensor name: view}`` of one average (averaged and copied tensors), no copies.
 
-        Under FSDP2 these are this rank's shards; :meth:`full_state_dict` gathers them.
+        Under FSDP2 these are this rank's shards; ``state_dict(full=True)`` gathers them.
         """
         return self._bound().averages.row(self._row(name))
 
@@ -503,7 +505,7 @@ class EMA(TimelineViews):
         if binding.fsdp:
             raise TypeError(
                 "get_module() cannot copy an FSDP2-sharded model; evaluate with "
-                "`with ema.swapped(model):` or export with ema.full_state_dict()"
+                "`with ema.swapped(model):` or export with ema.state_dict(full=True)"
             )
         binding.verify()
         self._warn_nonfinite(row, "get_module()")
@@ -523,7 +525,8 @@ class EMA(TimelineViews):
 
     @property
     def module(self) -> nn.Module:
-        """:meth:`get_module` of the only average (see there for its memory cost)."""
+        """Deprecated: :meth:`get_module` (``get_module(name)`` for one of several averages)."""
+        deprecated("EMA.module", "EMA.get_module()")
         return self.get_module(None)
 
     def averaged_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -533,13 +536,13 @@ class EMA(TimelineViews):
         are the (unwrapped) model's own, tied tensors appear under each of their names, untracked
         tensors are the model's. The averaged tensors are views of the average in its own dtype
         (float32 for a bf16 model; ``load_state_dict`` casts): save or clone them before the
-        next update. Under FSDP2 use :meth:`full_state_dict`.
+        next update. Under FSDP2 use ``state_dict(full=True)``.
         """
         binding = self._bound()
         if binding.shards:
             raise TypeError(
                 "averaged_state_dict() of an FSDP2-sharded model: gather the average with "
-                "ema.full_state_dict() instead"
+                "ema.state_dict(full=True) instead"
             )
         binding.verify()
         row = self._row(name)
@@ -554,37 +557,47 @@ class EMA(TimelineViews):
     @property
     def sharded(self) -> bool:
         """The averages hold this rank's FSDP2 shards (``state_dict()`` has a ``"shards"``
-        table; :meth:`full_state_dict` gathers them)."""
+        table; ``state_dict(full=True)`` gathers them)."""
         return bool(self._bound().shards)
 
     # ----------------------------------------------------------------- saving and loading
-    def state_dict(self) -> dict[str, Any]:
+    @overload
+    def state_dict(self, *, full: Literal[False] = False) -> dict[str, Any]: ...
+
+    @overload
+    def state_dict(self, *, full: bool, rank0_only: bool = True) -> dict[str, Any] | None: ...
+
+    def state_dict(self, *, full: bool = False, rank0_only: bool = True) -> dict[str, Any] | None:
         """Everything needed to resume: plain tensors, plain Python data, a format version.
 
         The tensors are views of the live storage (like ``nn.Module.state_dict``): save them
         (``torch.save``) or clone them before the next update. Loadable with
-        ``torch.load(..., weights_only=True)``. Under FSDP2 each rank gets its own shards.
-        Warns when an average holds inf/nan.
+        ``torch.load(..., weights_only=True)``. Warns when an average holds inf/nan.
+
+        Sharded models (FSDP2): by default each rank gets its own shards (a ``"shards"``
+        table; no communication). ``full=True`` gathers full, unsharded tensors instead: a
+        collective that every rank must call; with ``rank0_only`` only rank 0 receives the
+        result (the others get ``None``). A full state dict loads at any world size, or into
+        an unsharded model. Without sharding ``full=True`` gives the same as the default.
         """
         binding = self._bound()
         for row in range(self._k):
             self._warn_nonfinite(row, "state_dict()")
-        return codec.encode(self._timeline, binding.averages, self._policy.dtype, binding.shards)
-
-    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Any] | None:
-        """:meth:`state_dict` with full, unsharded tensors (FSDP2); a collective on every rank.
-
-        Every rank must call it. With ``rank0_only`` only rank 0 receives the result (the others
-        get ``None``); it loads at any world size, or into an unsharded model. Without sharding
-        it is a copy of :meth:`state_dict`.
-        """
-        state = codec.gather(self.state_dict(), self._bound().shards)
+        state = codec.encode(self._timeline, binding.averages, self._policy.dtype, binding.shards)
+        if not full:
+            return state
+        state = codec.gather(state, binding.shards)
         if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return None
         return state
 
-    def load_state_dict(self, state: Any) -> None:
-        """Load :meth:`state_dict` or :meth:`full_state_dict` output; all checks come first.
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Any] | None:
+        """Deprecated: ``state_dict(full=True, rank0_only=...)``."""
+        deprecated("EMA.full_state_dict()", "EMA.state_dict(full=True)")
+        return self.state_dict(full=True, rank0_only=rank0_only)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict` output (sharded or full); all checks come first.
 
         Saved values are copied into this EMA's storage, which keeps its dtype (a float32 average
         stays float32 whatever the checkpoint held). Tensor names may carry wrapper prefixes.
@@ -614,7 +627,9 @@ class EMA(TimelineViews):
 
     @property
     def tensor_names(self) -> list[str]:
-        """Canonical names of the tracked tensors (averaged and copied)."""
+        """Deprecated: ``list(ema.averaged_tensors())``, the canonical names of the tracked
+        tensors (averaged and copied)."""
+        deprecated("EMA.tensor_names", "list(EMA.averaged_tensors())")
         return list(self._names)
 
     @property
@@ -631,7 +646,7 @@ class EMA(TimelineViews):
         count = None if self._binding is None else self._binding.skip_count
         return 0 if count is None else int(count)
 
-    def update_lists(self, name: str | None = None) -> UpdateLists:
+    def _update_lists(self, name: str | None = None) -> UpdateLists:
         """The tensors an update of average ``name`` reads and writes (see :class:`UpdateLists`).
 
         For inspection and benchmarks; the lists hold the tensors as bound now.

@@ -117,7 +117,7 @@ def _match(
         ):
             raise ValueError(
                 f"{what}: {n} is a shard saved at offset {saved_shards[n]['offset']}, this "
-                f"rank holds offset {list(info.offset)}; load a full_state_dict() instead"
+                f"rank holds offset {list(info.offset)}; load a state_dict(full=True) instead"
             )
         if src.shape != dst.shape:
             raise ValueError(

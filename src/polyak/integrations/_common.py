@@ -105,7 +105,7 @@ class Averaging:
         """``EMA.state_dict()`` to checkpoint; under FSDP2 the full tensors, gathered by a
         collective that every rank must join (``None`` on ranks other than 0)."""
         assert self.ema is not None
-        return self.ema.full_state_dict() if self.ema.sharded else self.ema.state_dict()
+        return self.ema.state_dict(full=True)
 
     # ----------------------------------------------------------------- counting steps
     def count_steps(self, optimizer: torch.optim.Optimizer) -> None:
@@ -143,7 +143,7 @@ class Averaging:
     def has_average(self) -> bool:
         """Whether an average exists that differs from a copy of the initial weights: never
         evaluate or export one before its first update."""
-        return self.ema is not None and self.ema.num_updates > 0
+        return self.ema is not None and self.ema.timeline.num_updates > 0
 
     def swapped(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """``ema.swapped`` for the evaluated average."""

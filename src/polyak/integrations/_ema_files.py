@@ -65,7 +65,7 @@ class EMAFiles(NamedTuple):
 def save_ema_files(
     directory: str | os.PathLike[str], state: Mapping[str, Any], *, run: str, global_step: int
 ) -> None:
-    """Write ``state`` (``EMA.state_dict()`` or ``full_state_dict()``) into ``directory``.
+    """Write ``state`` (``EMA.state_dict()``, with ``full=True`` when sharded) into ``directory``.
 
     Args:
         run: the run identity (32 lowercase hex digits, ``uuid.uuid4().hex``).
@@ -77,7 +77,7 @@ def save_ema_files(
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot save the EMA state: {directory} is not a directory")
     if "shards" in state:
-        raise ValueError("save the full_state_dict() of a sharded EMA, not its shards")
+        raise ValueError("save the state_dict(full=True) of a sharded EMA, not its shards")
     if not isinstance(run, str) or not RUN.fullmatch(run):
         raise ValueError(f"run must be 32 lowercase hex digits (uuid4().hex), got {run!r}")
     if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:

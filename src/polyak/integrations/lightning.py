@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
 from polyak.errors import CheckpointError
 from polyak.integrations._checkpoint_entry import check_entry, checkpoint_step, make_entry
 from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
+from polyak.types import DecayLike, EMAOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from polyak import EMA
 
 try:
     import lightning.pytorch as pl
@@ -105,13 +111,13 @@ class EMACallback(pl.Callback):
 
     def __init__(
         self,
-        decay: Any = 0.999,
+        decay: DecayLike = 0.999,
         *,
-        evaluate: str = "average",
+        evaluate: Literal["average", "live", "both"] = "average",
         average: str | None = None,
         final_weights: str = "live",
         save_average_as_weights: bool = False,
-        **ema_kwargs: Any,
+        **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         if not isinstance(save_average_as_weights, bool):
             raise TypeError(
@@ -137,8 +143,12 @@ class EMACallback(pl.Callback):
         self._checkpoint: tuple[str, int] | None = None  # (where, global_step) being loaded
 
     @property
-    def ema(self) -> Any:
+    def ema(self) -> EMA | None:
         """The :class:`polyak.EMA` (``None`` until ``fit`` starts or a checkpoint is loaded)."""
+        return self._avg.ema
+
+    def _built(self) -> EMA:
+        assert self._avg.ema is not None, "the EMA is built at fit start"
         return self._avg.ema
 
     @property
@@ -157,11 +167,11 @@ class EMACallback(pl.Callback):
         if not trainer.optimizers:
             raise ValueError("EMACallback: the LightningModule configures no optimizer to follow")
         self._avg.count_steps(trainer.optimizers[0])
-        if self.save_average_as_weights and self.ema.sharded:
+        if self.save_average_as_weights and self._built().sharded:
             raise ValueError(
                 "EMACallback(save_average_as_weights=True) is not available for an FSDP2-sharded "
                 "model (its checkpoint is sharded); export the average with "
-                "cb.ema.full_state_dict() instead"
+                "cb.ema.state_dict(full=True) instead"
             )
 
     def on_train_batch_end(self, *args: Any) -> None:
@@ -191,19 +201,19 @@ class EMACallback(pl.Callback):
         self._model = pl_module
 
     # ----------------------------------------------------------------- evaluation
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(trainer, pl_module)
 
     def on_validation_epoch_end(self, *args: Any) -> None:
         self._swap_out()
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(trainer, pl_module)
 
     def on_test_epoch_end(self, *args: Any) -> None:
         self._swap_out()
 
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(trainer, pl_module)
 
     def on_predict_epoch_end(self, *args: Any) -> None:
@@ -222,13 +232,13 @@ class EMACallback(pl.Callback):
             return
         if self._avg.evaluate == "both" and not (self._averaged_pass or trainer.predicting):
             return  # the live pass
-        self.ema.apply_shadow(pl_module, name=self._avg.average)
+        self._built().apply_shadow(pl_module, name=self._avg.average)
         self._swapped = True
 
     def _swap_out(self) -> None:
         if self._swapped:
             self._swapped = False
-            self.ema.restore()
+            self._built().restore()
 
     def _wrap_evaluation(self, trainer: pl.Trainer, stage: str) -> None:
         """Make the stage's evaluation loop run an averaged pass before its own (live) one."""

@@ -13,14 +13,26 @@ import re
 import sys
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
 from polyak.integrations._ema_files import save_ema_files
 from polyak.integrations._identity import RECORD, read_own_files, recorded_run
+from polyak.types import DecayLike, EMAOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from polyak import EMA
 
 try:
-    from transformers import Trainer, TrainerCallback
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
     from transformers.trainer_callback import ExportableState
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # pragma: no cover - depends on the environment
@@ -106,12 +118,12 @@ class EMACallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
-        decay: Any = 0.999,
+        decay: DecayLike = 0.999,
         *,
-        evaluate: str = "average",
+        evaluate: Literal["average", "live", "both"] = "average",
         average: str | None = None,
         final_weights: str = "live",
-        **ema_kwargs: Any,
+        **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         self._avg = Averaging(
             decay,
@@ -126,15 +138,27 @@ class EMACallback(TrainerCallback, ExportableState):
         self._resume: str | None = None  # the checkpoint train() was asked to resume from
 
     @property
-    def ema(self) -> Any:
+    def ema(self) -> EMA | None:
         """The :class:`polyak.EMA` (``None`` until training starts)."""
         return self._avg.ema
 
     # ----------------------------------------------------------------- hooks
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         self._attach(_find_trainer(self))
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         if self._trainer is None:  # added with trainer.add_callback(), or rebuilt by the Trainer
             trainer = _find_trainer(self)
             if RECORD in vars(self):
@@ -151,25 +175,43 @@ class EMACallback(TrainerCallback, ExportableState):
         self._run = uuid.uuid4().hex
         if state.global_step > 0:  # resuming: the Trainer loaded this checkpoint's weights
             step_dir = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            directory = self._resume or os.path.join(args.output_dir, step_dir)
+            directory = self._resume or os.path.join(str(args.output_dir), step_dir)
             where = os.path.join(directory, "trainer_state.json")
             run = recorded_run(state.stateful_callbacks, type(self).__name__, where)
             self._load(directory, run, state.global_step, at="the Trainer resumes at")
         self._avg.count_steps(kwargs["optimizer"])
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         self._avg.update()
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         if self.ema is None:
             return
         saved = self._avg.checkpoint_state()  # on every rank: a collective under FSDP2
         if saved is not None and args.should_save:
             step_dir = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            directory = os.path.join(args.output_dir, step_dir)
+            directory = os.path.join(str(args.output_dir), step_dir)
             save_ema_files(directory, saved, run=self._run, global_step=state.global_step)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         self._avg.release()
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best is not None:  # the Trainer just loaded its weights

@@ -7,12 +7,17 @@ from typing import Any
 from polyak._timeline import Timeline
 from polyak.jax._state import EMAState, check_mode, init
 from polyak.jax._update import update
+from polyak.types import DecayLike, NonFinite
 
 __all__ = ["ema_of_params"]
 
 
 def ema_of_params(
-    decay: Any = 0.999, *, update_every: int = 1, start_step: int = 0, nonfinite: str = "propagate"
+    decay: DecayLike = 0.999,
+    *,
+    update_every: int = 1,
+    start_step: int = 0,
+    nonfinite: NonFinite = "propagate",
 ) -> Any:
     """An optax transformation that keeps averages of the *params* after each step.
 

@@ -20,6 +20,7 @@ import numpy as np
 from polyak._timeline import Timeline, row_of
 from polyak.jax._decays import Twin, twin
 from polyak.schedules import Schedule
+from polyak.types import DecayLike, NonFinite
 
 __all__ = [
     "NONFINITE",
@@ -179,11 +180,11 @@ def _start(x: Any, path: Any) -> jax.Array:
 
 def init(
     params: Any,
-    decay: Any = 0.999,
+    decay: DecayLike = 0.999,
     *,
     update_every: int = 1,
     start_step: int = 0,
-    nonfinite: str = "propagate",
+    nonfinite: NonFinite = "propagate",
 ) -> EMAState:
     """Start averages of ``params``: each average is a copy of ``params``.
 

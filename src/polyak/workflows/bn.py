@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +65,7 @@ def load_bn(state: BNState) -> None:
 @torch.no_grad()
 def recompute_bn(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[object],
     num_batches: int | None = None,
     forward: Forward | None = None,
     *,
@@ -85,7 +84,7 @@ def recompute_bn(
 
     (the semantics of ``torch.optim.swa_utils.update_bn``; every batch weighs the same, so a short
     last batch counts as much as a full one: use ``drop_last=True`` or ``num_batches`` to avoid
-    it). The statistics are written in place, so on ``ema.module`` or inside
+    it). The statistics are written in place, so on ``ema.get_module()`` or inside
     ``with ema.swapped(model):`` they land in the EMA's storage and the live model's are left
     alone. Afterwards every layer gets its momentum and every submodule its training flag back;
     if the pass fails, the old statistics are restored as well. Gradients are not computed.
@@ -95,7 +94,7 @@ def recompute_bn(
     holds the same BatchNorm state: the cumulative average over all ranks' batches.
 
     Args:
-        model: the model whose BatchNorm statistics to recompute (e.g. ``ema.module``).
+        model: the model whose BatchNorm statistics to recompute (e.g. ``ema.get_module()``).
         loader: training batches: tensors, ``(inputs, ...)`` tuples (``model(inputs)``; longer
             tuples pass all but the last element) or dicts (``model(**batch)``).
         num_batches: use only the first ``num_batches`` batches (default: all of them).
@@ -119,7 +118,8 @@ def recompute_bn(
         >>> for x in train_loader:  # training: an optimizer step, then ema.update()
         ...     _ = model(x)
         ...     ema.update()
-        >>> _ = polyak.recompute_bn(ema.module, train_loader)  # statistics of the averaged weights
+        >>> averaged = ema.get_module()  # the averaged weights, in the EMA's storage
+        >>> _ = polyak.recompute_bn(averaged, train_loader)  # their own statistics
         >>> with ema.swapped(model):  # or in place, in the EMA's storage
         ...     _ = polyak.recompute_bn(model, train_loader, num_batches=2)
 

@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class EarlyStopping:
         >>> ema = polyak.EMA(model, decay=0.9)
         >>> stopper = polyak.EarlyStopping(patience=2)
         >>> val_losses = [(0.9, 0.8), (0.7, 0.6), (0.8, 0.65), (0.9, 0.7), (0.5, 0.5)]
-        >>> models = {"live": model, "ema": ema.module}
+        >>> models = {"live": model, "ema": ema.get_module()}
         >>> for live, averaged in val_losses:  # each epoch: train, ema.update(), evaluate
         ...     if stopper.update({"live": live, "ema": averaged}, models):
         ...         break
@@ -85,7 +85,7 @@ class EarlyStopping:
     def __init__(
         self,
         patience: int | None,
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         *,
         min_delta: float = 0.0,
         monitor: str = "val_loss",
@@ -129,7 +129,7 @@ class EarlyStopping:
     def observe(self, which: str, value: float, model: nn.Module | None = None) -> bool:
         """Report candidate ``which``'s score for the current epoch.
 
-        Pass ``model`` (holding that candidate's weights now: ``ema.module``, or the model
+        Pass ``model`` (holding that candidate's weights now: ``ema.get_module()``, or the model
         inside ``ema.swapped(...)``) to have its weights copied if it is the new best.
 
         Returns:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ def _loaded(template: nn.Module, state: Mapping[str, Any], index: int) -> Iterat
 
 def _predict(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[object],
     device: torch.device | None,
     forward: Forward | None,
     transform: Callable[[torch.Tensor], torch.Tensor],
@@ -92,10 +92,11 @@ def _predict(
 @torch.no_grad()
 def ensemble_predictions(
     models_or_state_dicts: Sequence[nn.Module | Mapping[str, torch.Tensor]],
-    loader: Iterable[Any],
+    loader: Iterable[object],
     *,
     model: nn.Module | None = None,
-    transform: str | Callable[[torch.Tensor], torch.Tensor] = "softmax",
+    transform: Literal["softmax", "sigmoid", "identity"]
+    | Callable[[torch.Tensor], torch.Tensor] = "softmax",
     device: torch.device | str | None = None,
     forward: Forward | None = None,
 ) -> EnsemblePredictions:

@@ -50,7 +50,7 @@ def check_metrics(metrics: Any) -> dict[str, Metric]:
 @overload
 def evaluate(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[object],
     criterion: Callable[..., torch.Tensor],
     device: torch.device | str | None = None,
     *,
@@ -62,7 +62,7 @@ def evaluate(
 @overload
 def evaluate(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[object],
     criterion: Callable[..., torch.Tensor],
     device: torch.device | str | None = None,
     *,
@@ -74,7 +74,7 @@ def evaluate(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[object],
     criterion: Callable[..., torch.Tensor],
     device: torch.device | str | None = None,
     *,
@@ -94,7 +94,7 @@ def evaluate(
     submodule gets its own training flag back afterwards.
 
     Args:
-        model: the model to evaluate, e.g. the live model, ``ema.module``, or the model inside
+        model: the model to evaluate, e.g. the live model, ``ema.get_module()``, or the model inside
             ``with ema.swapped(model):``.
         loader: batches ``(inputs, target)`` (see :mod:`polyak.workflows` for the convention).
         criterion: ``criterion(outputs, targets) -> loss``, e.g. ``nn.CrossEntropyLoss()``.

@@ -12,7 +12,7 @@ is accepted only as an alias of ``online_weight`` (the RL meaning); pass ``decay
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from polyak._names import check_names
 from polyak._torch.naming import select_tensors
 from polyak.kernels import lerp_lists_
+from polyak.types import BufferPolicy
 from polyak.workflows._common import check_module
 
 __all__ = ["hard_update_", "soft_update_"]
@@ -95,7 +96,7 @@ def soft_update_(
     online_weight: float | None = None,
     tau: float | None = None,
     decay: float | None = None,
-    buffers: str = "average",
+    buffers: BufferPolicy = "average",
 ) -> nn.Module:
     """Move ``target`` towards ``online`` in place (Polyak averaging of a target network).
 
@@ -149,7 +150,9 @@ def soft_update_(
 
 
 @torch.no_grad()
-def hard_update_(target: nn.Module, online: nn.Module, *, buffers: str = "copy") -> nn.Module:
+def hard_update_(
+    target: nn.Module, online: nn.Module, *, buffers: Literal["copy", "ignore"] = "copy"
+) -> nn.Module:
     """Copy ``online``'s weights into ``target`` in place: ``target <- online``.
 
     The periodic target update of DQN. Parameters and integer buffers are copied; floating

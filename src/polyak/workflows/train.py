@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from polyak._torch.ema import EMA
 from polyak._torch.naming import unwrap
 from polyak.errors import NonFiniteError
+from polyak.types import DecayLike
 from polyak.workflows._common import (
     Forward,
     check_count,
@@ -43,20 +45,20 @@ def _labels(ema: EMA) -> dict[str, str]:
 
 def train_with_ema(
     model: nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any],
+    train_loader: Iterable[object],
+    val_loader: Iterable[object],
     optimizer: torch.optim.Optimizer,
     criterion: Callable[..., torch.Tensor],
     epochs: int,
-    ema_decay: Any = 0.999,
+    ema_decay: DecayLike = 0.999,
     device: torch.device | str | None = None,
     *,
     ema: EMA | None = None,
     metrics: Mapping[str, Metric] | None = None,
     accumulation_steps: int = 1,
-    scheduler: Any = None,
-    scheduler_interval: str = "epoch",
-    recompute_bn: bool | Iterable[Any] = False,
+    scheduler: LRScheduler | ReduceLROnPlateau | None = None,
+    scheduler_interval: Literal["epoch", "step"] = "epoch",
+    recompute_bn: bool | Iterable[object] = False,
     bn_batches: int | None = None,
     early_stopping: EarlyStopping | None = None,
     final_weights: str = "average",
@@ -208,7 +210,7 @@ def train_with_ema(
             f"early_stopping.monitor={early_stopping.monitor!r} is not evaluated; choose one of "
             f"{monitors} (add metrics= for others)"
         )
-    bn_loader: Iterable[Any] | None = None
+    bn_loader: Iterable[object] | None = None
     if recompute_bn is not False:
         bn_loader = (
             train_loader if recompute_bn is True else check_loader(recompute_bn, "recompute_bn")
@@ -276,7 +278,7 @@ def train_with_ema(
                 for k, v in scores.items():
                     history[f"val_{k}_{label}"].append(v)
         bar.close(_summary(epoch, epochs, history, labels))
-        if plateau:
+        if isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step(history["val_loss"][-1])
         elif scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
@@ -306,7 +308,7 @@ def _finish(
     ema: EMA,
     final_weights: str,
     early_stopping: EarlyStopping | None,
-    bn_loader: Iterable[Any] | None,
+    bn_loader: Iterable[object] | None,
     bn_batches: int | None,
     forward: Forward | None,
 ) -> None:

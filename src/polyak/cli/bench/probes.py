@@ -25,7 +25,7 @@ def bare_kernels(ema: EMA, decay: float) -> Callable[[], None]:
     pair of :meth:`polyak.EMA.update_lists` (what the update computes where the dtypes agree),
     ``torch._foreach_copy_`` over the copied ones."""
     w = 1.0 - decay
-    lists = ema.update_lists()
+    lists = ema._update_lists()
 
     @torch.no_grad()
     def run() -> None:
@@ -39,7 +39,7 @@ def bare_kernels(ema: EMA, decay: float) -> Callable[[], None]:
 
 def flattened(ema: EMA) -> bool:
     """Every update group of ``ema`` reads one span: ``flat_params=True`` moved the whole model."""
-    return all(len(sources) == 1 for _, sources in ema.update_lists().averaged)
+    return all(len(sources) == 1 for _, sources in ema._update_lists().averaged)
 
 
 def _overhead_s(ema: EMA, decay: float, pairs: int = 600) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from polyak.cli.bench.candidates import Candidate, clone_model, measure_update, 
 from polyak.cli.bench.models import build_model, describe
 from polyak.cli.bench.peers import make_peer
 from polyak.cli.bench.probes import python_overhead
+from polyak.types import NonFinite
 
 __all__ = ["Flusher", "run_multi", "run_shape", "time_interleaved"]
 
@@ -99,7 +100,7 @@ def _polyak(
     flat: bool = False,
     count: int = 1,
     compiled: bool = False,
-    nonfinite: str = "propagate",
+    nonfinite: NonFinite = "propagate",
 ) -> Candidate:
     """``count`` polyak EMAs on ``model`` updated together (one candidate)."""
     names = [n for n, _ in model.named_parameters()]
@@ -131,7 +132,7 @@ def _polyak(
             e.update()
 
     flat_decays = tuple(decays) if isinstance(decays, (list, tuple)) else (decays,)
-    kernels = sum(e.update_lists(e.names[0]).launches for e in emas)  # launches: all averages
+    kernels = sum(e._update_lists(e.names[0]).launches for e in emas)  # launches: all averages
     c = Candidate(name, "polyak", emas[0].update if count == 1 else update, averages, flat_decays)
     c.held = held
     c.extra["kernels"] = kernels
@@ -154,7 +155,7 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     """
     w = 1.0 - decay
     (ema_flat,) = flat.extra["emas"]
-    runs = [pair for avgs, spans in ema_flat.update_lists().averaged for pair in zip(avgs, spans)]
+    runs = [pair for avgs, spans in ema_flat._update_lists().averaged for pair in zip(avgs, spans)]
     n = sum(span.numel() for _, span in runs)
     dst = torch.zeros(n)
 
@@ -180,7 +181,7 @@ def _references(default: Candidate, flat: Candidate, decay: float) -> list[Candi
     ]
     out[0].held = 4 * n
     (ema,) = default.extra["emas"]
-    lists = ema.update_lists().averaged
+    lists = ema._update_lists().averaged
     if all(a.dtype == s.dtype for avgs, sources in lists for a, s in zip(avgs, sources)):
         # the very lists the update lerps (same dtypes: no staged cast); no copied tensors
         @torch.no_grad()
@@ -306,7 +307,8 @@ def run_shape(shape: str, config: Any, flush: Callable[[], None]) -> dict[str, A
         models += [fp32, fp32]
         extra_models = [fp32, fp32_flat]
     if shape == "transformer":  # what guarding against inf/nan costs per update
-        for mode in ("raise", "skip"):
+        modes: tuple[NonFinite, ...] = ("raise", "skip")
+        for mode in modes:
             cands.append(_polyak(f"polyak nonfinite={mode}", model, decay, nonfinite=mode))
             models.append(model)
     base = 2 if shape == "transformer-bf16" else 0  # the fp32 model's candidates there

@@ -110,7 +110,8 @@ class Sweep:
                     if a.is_floating_point()
                 ),
             }
-        t = self.ph.ema.last_update_step - self.ph.ema.start_step
+        timeline = self.ph.ema.timeline
+        t = timeline.last_update_step - timeline.start_step
         constant = {
             name: {
                 "decay": d,

@@ -331,9 +331,9 @@ def test_several_averages_equal_separate_emas_bit_for_bit():
             assert torch.equal(multi.averaged_tensors(name)[k], v)
         with multi.swapped(model, name=name):
             assert torch.equal(model[0].weight, s.averaged_tensors()["0.weight"])
-        assert torch.equal(multi.get_module(name)[3].weight, s.module[3].weight)
+        assert torch.equal(multi.get_module(name)[3].weight, s.get_module()[3].weight)
     with pytest.raises(ValueError, match="several averages"):
-        multi.module  # noqa: B018
+        multi.get_module()
 
 
 def test_compiled_model_sees_swapped_weights():

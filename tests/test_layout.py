@@ -126,3 +126,14 @@ def test_metrics_all_lists_every_public_function():
         and value.__module__ == metrics.__name__
     }
     assert set(metrics.__all__) == defined
+
+
+def test_the_version_is_written_once_in_pyproject():
+    import re as _re
+    from importlib import metadata
+
+    pyproject = (SRC.parent / "pyproject.toml").read_text()
+    declared = _re.search(r'^version = "(.+)"$', pyproject, flags=_re.M)
+    assert declared and polyak.__version__ == metadata.version("polyak") == declared.group(1)
+    hard_coded = [p for p in MODULES.values() if _re.search(r'__version__ = "', p.read_text())]
+    assert not hard_coded

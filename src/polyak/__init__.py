@@ -40,8 +40,6 @@ if _TYPE_CHECKING:
         train_with_ema,
     )
 
-__version__ = "0.1.0"
-
 # Public names imported on first use: name -> (module, attribute; None: the module itself).
 # A new name goes here, in __all__, and under _TYPE_CHECKING above (for type checkers).
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -87,7 +85,20 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    """The installed distribution's version: the one place it is written is pyproject.toml."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("polyak")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> object:
+    if name == "__version__":
+        globals()[name] = version = _version()
+        return version
     if name not in _LAZY:
         raise AttributeError(f"module 'polyak' has no attribute {name!r}")
     module_name, attr = _LAZY[name]

@@ -156,7 +156,7 @@ def swap_and_check(rank: int, world: int, out: str) -> None:
                 "averaged": averaged,
                 "live_again": live_again,
                 "full": full,
-                "late_sharded": late.sharded,
+                "late_sharded": any(t.sharded for t in late.layout().values()),
             },
             out,
         )

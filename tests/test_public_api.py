@@ -96,6 +96,7 @@ DEPRECATED = {
     "last_update_step": ("timeline.last_update_step", lambda e: e.timeline.last_update_step),
     "start_step": ("timeline.start_step", lambda e: e.timeline.start_step),
     "last_decays": ("timeline.last_decays", lambda e: e.timeline.last_decays),
+    "sharded": ("layout", lambda e: any(t.sharded for t in e.layout().values())),
 }
 
 
@@ -136,3 +137,15 @@ def test_timeline_is_one_snapshot_of_every_counter():
     assert t.last_decays == {"a": pytest.approx(0.81), "b": 0.25}
     with pytest.raises(AttributeError):
         t.step = 0  # frozen
+
+
+def test_layout_says_what_is_stored_for_each_tensor():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    layout = polyak.EMA(model, 0.9, buffers="copy", dtype=torch.float64).layout()
+    assert list(layout) == [n for n, _ in model.state_dict().items()]
+    assert layout["0.weight"] == polyak.types.TensorLayout(
+        "average", (2, 3), torch.float64, (2, 3), (0, 0)
+    )
+    assert layout["1.running_mean"].kind == "copied"
+    assert layout["1.num_batches_tracked"].dtype == torch.int64
+    assert not any(t.sharded for t in layout.values())

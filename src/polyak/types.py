@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias, TypedDict, Union
 
 from polyak.schedules import Schedule
@@ -20,7 +21,15 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["ArrayTree", "BufferPolicy", "DecayLike", "EMAOptions", "NonFinite", "OneDecay"]
+__all__ = [
+    "ArrayTree",
+    "BufferPolicy",
+    "DecayLike",
+    "EMAOptions",
+    "NonFinite",
+    "OneDecay",
+    "TensorLayout",
+]
 
 OneDecay: TypeAlias = float | Schedule | Callable[[int, int], float]
 """One average's decay: a float (constant decay), a :class:`polyak.schedules.Schedule`, or a
@@ -59,3 +68,29 @@ class EMAOptions(TypedDict, total=False):
     seed: int
     compile_update: bool
     nonfinite: NonFinite
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """How :class:`polyak.EMA` stores one tracked tensor (:meth:`polyak.EMA.layout`).
+
+    Attributes:
+        kind: ``"average"`` (averaged, one copy per average) or ``"copied"`` (copied from the
+            live model at each update, shared by every average: integer buffers, or floating
+            ones with ``buffers="copy"``).
+        shape: the shape stored on this rank (a shard's, under FSDP2).
+        dtype: the stored copy's dtype (the average's, float32 by default).
+        global_shape: the full tensor's shape (``shape`` when not sharded).
+        offset: where this rank's shard starts in the full tensor (zeros when not sharded).
+        sharded: this rank holds a shard, not the whole tensor.
+    """
+
+    kind: Literal["average", "copied"]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return self.shape != self.global_shape or any(self.offset)

@@ -28,7 +28,7 @@ from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_dtensor, reshard
 from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
 from polyak.errors import NonFiniteError
-from polyak.types import BufferPolicy, DecayLike, NonFinite
+from polyak.types import BufferPolicy, DecayLike, NonFinite, TensorLayout
 
 __all__ = ["EMA", "UpdateLists"]
 
@@ -554,10 +554,29 @@ class EMA(TimelineViews):
             for k, v in binding.root.state_dict(keep_vars=True).items()
         }
 
+    def layout(self) -> dict[str, TensorLayout]:
+        """``{tensor name: TensorLayout}``: what is stored for each tracked tensor (averaged or
+        copied), its shape and dtype here, and, under sharding, the full shape and where this
+        rank's shard starts. Plain metadata: no copy, no device sync."""
+        binding = self._bound()
+        kinds = {e.name: ("average" if e.mode == "average" else "copied") for e in binding.entries}
+        out = {}
+        for name, view in binding.averages.row(0).items():
+            info = binding.shards.get(name)
+            shape = tuple(view.shape)
+            out[name] = TensorLayout(
+                kinds[name],  # type: ignore[arg-type]
+                shape,
+                view.dtype,
+                info.global_shape if info else shape,
+                info.offset if info else (0,) * len(shape),
+            )
+        return out
+
     @property
     def sharded(self) -> bool:
-        """The averages hold this rank's FSDP2 shards (``state_dict()`` has a ``"shards"``
-        table; ``state_dict(full=True)`` gathers them)."""
+        """Deprecated: ``any(t.sharded for t in ema.layout().values())``."""
+        deprecated("EMA.sharded", "any(t.sharded for t in EMA.layout().values())")
         return bool(self._bound().shards)
 
     # ----------------------------------------------------------------- saving and loading

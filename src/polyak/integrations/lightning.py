@@ -167,7 +167,7 @@ class EMACallback(pl.Callback):
         if not trainer.optimizers:
             raise ValueError("EMACallback: the LightningModule configures no optimizer to follow")
         self._avg.count_steps(trainer.optimizers[0])
-        if self.save_average_as_weights and self._built().sharded:
+        if self.save_average_as_weights and any(t.sharded for t in self._built().layout().values()):
             raise ValueError(
                 "EMACallback(save_average_as_weights=True) is not available for an FSDP2-sharded "
                 "model (its checkpoint is sharded); export the average with "

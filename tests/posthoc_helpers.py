@@ -56,3 +56,33 @@ def set_weights(model: nn.Module, step: int) -> None:
         base = torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
         noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(10_000 * step + i))
         t.copy_(base * (1 + 1e-3 * step) + 1e-3 * noise)
+
+
+def exact_combination(directory, rec) -> dict[str, torch.Tensor]:
+    """The float64 reference of a reconstruction: ``sum_i x_i snapshot_i`` over its sources,
+    one file at a time (a naive loop over the manifest's files, read with safetensors)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    names = {
+        (s["step"], key): directory / e["name"]
+        for s in manifest["snapshots"]
+        for key, e in s["files"].items()
+    }
+    out: dict[str, torch.Tensor] = {}
+    for (step, key), x in zip(rec.sources, rec.coefficients, strict=True):
+        for name, value in load_file(names[(step, key)]).items():
+            if value.is_floating_point():
+                out[name] = out.get(name, 0) + float(x) * value.double()
+    return out
+
+
+def fp32_bound(rec, exact: dict[str, torch.Tensor]) -> float:
+    """A float32 sum's error bound for ``rec``: ``n eps sum_i |x_i| max |snapshot|``."""
+    scale = max(float(v.abs().max()) for v in exact.values() if v.numel())
+    eps = torch.finfo(torch.float32).eps
+    return len(rec.coefficients) * eps * float(abs(rec.coefficients).sum()) * scale

@@ -50,6 +50,7 @@ __all__ = [
     "Outputs",
     "fsync_dir",
     "fsync_file",
+    "open_regular",
     "plain_name",
     "read_json",
     "regular_file",
@@ -250,6 +251,27 @@ def regular_file(directory: str | os.PathLike[str], name: str, *, what: str = "f
             f"{what} {path} is a symlink to {path.resolve()}, outside {folder}; refusing it"
         )
     return path
+
+
+def open_regular(directory: str | os.PathLike[str], name: str, *, what: str = "file") -> IO[bytes]:
+    """Open ``directory / name`` for reading, unbuffered, if it is a regular file inside it.
+
+    :func:`regular_file` first; then the file is opened without blocking and checked again on
+    the open descriptor, so that one swapped for a fifo or a device between the check and the
+    open is refused, never waited on or read.
+
+    Raises:
+        FileNotFoundError: missing. CheckpointError: as :func:`regular_file`.
+    """
+    path = regular_file(directory, name, what=what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{what} {path} is not a regular file; refusing to read it")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_json(

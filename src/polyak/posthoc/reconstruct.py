@@ -19,10 +19,18 @@ import numpy as np
 import torch
 
 from polyak._horizon import integer
-from polyak.posthoc import store
 from polyak.posthoc.combine import combine
+from polyak.posthoc.manifest import LIVE
 from polyak.posthoc.profiles import Solution, Target, solve
-from polyak.posthoc.store import RankStore, open_store
+from polyak.posthoc.ranks import assemble, common_snapshots
+from polyak.posthoc.reader import layout_of
+from polyak.posthoc.store import (
+    RankStore,
+    SnapshotFile,
+    StoreError,
+    check_files,
+    read_consistent,
+)
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
 
@@ -62,28 +70,42 @@ class Reconstruction(dict):
         return None if self.solution is None else self.solution.fit
 
 
-def _until(manifest: dict[str, Any], step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
+def _steps_text(snaps: list[dict[str, Any]]) -> str:
+    steps = [s["step"] for s in snaps]
+    shown = ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, ..., {steps[-1]}"
+    return f"{len(steps)} snapshot(s), at steps {shown}"
+
+
+def _until(r: RankStore, step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
     """``(step, t, snapshots)``: the step asked for, its time, and the snapshots up to it."""
-    snaps = manifest["snapshots"]
+    snaps = r.manifest["snapshots"]
     if not snaps:
-        raise store.StoreError("the store holds no snapshots yet")
+        raise StoreError(f"{r.path}: the store holds no snapshots yet")
     if step is None:
         last = snaps[-1]
         return last["step"], last["t"], snaps
     step = integer("step", step, 1)
+    if step > snaps[-1]["step"]:
+        raise ValueError(
+            f"step {step} is after the last snapshot: {r.path.parent} holds "
+            f"{_steps_text(snaps)}; pass a step up to {snaps[-1]['step']} (or none, for the last)"
+        )
     used = [s for s in snaps if s["step"] <= step]
     if not used:
-        raise ValueError(f"no snapshot at or before step {step} (the first is {snaps[0]['step']})")
+        raise ValueError(
+            f"no snapshot at or before step {step} (the first is {snaps[0]['step']}): "
+            f"{r.path.parent} holds {_steps_text(snaps)}"
+        )
     exact = [s["t"] for s in used if s["step"] == step]
-    return step, exact[0] if exact else step - manifest["start_step"], used
+    return step, exact[0] if exact else step - r.manifest["start_step"], used
 
 
 def _sources(
-    directory: Path, manifest: dict[str, Any], snaps: list[dict[str, Any]], keys: Sequence[str]
-) -> tuple[list[store.SnapshotFile], list[dict[str, Any]]]:
+    r: RankStore, snaps: list[dict[str, Any]], keys: Sequence[str]
+) -> tuple[list[SnapshotFile], list[dict[str, Any]]]:
     files, used = [], []
     for s in snaps:
-        entries = store.snapshot_files(directory, manifest, s)
+        entries = r.files(s)
         for key in keys:
             if key in entries:
                 files.append(entries[key])
@@ -92,14 +114,21 @@ def _sources(
 
 
 def solutions_for(
-    path: Path, manifest: dict[str, Any], step: int | None, targets: Sequence[Target]
-) -> tuple[int, list[store.SnapshotFile], list[Solution]]:
-    """The step, the snapshot files and one solution per target, from one rank's manifest."""
-    at, t, snaps = _until(manifest, step)
+    r: RankStore, step: int | None, targets: Sequence[Target]
+) -> tuple[int, list[SnapshotFile], list[Solution]]:
+    """The step, the snapshot files and one solution per target, from one rank's manifest.
+
+    The files are checked (:func:`~polyak.posthoc.store.check_files`: regular files inside the
+    store, of the recorded sizes) before the least-squares problem is built, so its size is
+    bounded by the files on disk, not by the manifest alone.
+    """
+    manifest = r.manifest
+    at, t, snaps = _until(r, step)
     keys = sorted(manifest["averages"])
-    files, used = _sources(path, manifest, [s for s in snaps if s["t"] > 0], keys)
+    files, used = _sources(r, [s for s in snaps if s["t"] > 0], keys)
     if not files:
-        raise ValueError(f"{path}: no snapshot of an average at or before step {at}")
+        raise ValueError(f"{r.path}: no snapshot of an average at or before step {at}")
+    check_files(files)
     ts = [s["t"] for s in used]
     gammas = [manifest["averages"][f.key]["gamma"] for f in files]
     solutions = [solve(ts, gammas, t, target) for target in targets]
@@ -134,32 +163,15 @@ def _averaged(manifest: dict[str, Any]) -> set[str]:
     return {n for n, info in manifest["tensors"].items() if info["kind"] == "average"}
 
 
-def _assemble(parts: list[list[Reconstruction]], ranks: list[RankStore]) -> list[Reconstruction]:
-    """Full tensors from every rank's shards (copied into place, rank by rank)."""
-    for r, part in zip(ranks[1:], parts[1:]):
-        if part[0].sources != parts[0][0].sources:
-            raise store.StoreError(
-                f"rank {r.rank} holds snapshots {sorted({s for s, _ in part[0].sources})}, rank "
-                f"0 holds {sorted({s for s, _ in parts[0][0].sources})}: a rank's write failed"
-            )
-    tables = [r.manifest["tensors"] for r in ranks]
+def _gathered(parts: list[list[Reconstruction]], ranks: list[RankStore]) -> list[Reconstruction]:
+    """One result per target: the rank's own, or full tensors gathered from every rank."""
+    if len(parts) == 1:
+        return parts[0]
     out = []
-    for k, first in enumerate(parts[0]):
-        full = Reconstruction()
-        full.__dict__.update(first.__dict__, rank=None, shards=None)
-        for name, info in tables[0].items():
-            if info.get("shard") is None:
-                full[name] = first[name]
-                continue
-            shape = info["shard"]["global_shape"]
-            full[name] = torch.empty(shape, dtype=first[name].dtype)
-            for table, part in zip(tables, parts):
-                view = full[name]
-                shard = table[name]["shard"]
-                for dim, (lo, size) in enumerate(zip(shard["offset"], shard["local_shape"])):
-                    view = view.narrow(dim, lo, size)
-                view.copy_(part[k][name])
-        out.append(full)
+    for first, full in zip(parts[0], assemble(parts, ranks)):
+        rec = Reconstruction(full)
+        rec.__dict__.update(first.__dict__, rank=None, shards=None)
+        out.append(rec)
     return out
 
 
@@ -218,21 +230,32 @@ def reconstruct_many(
         CVPR 2024, Sec. 3.2.
     """
     targets = targets_from(sigma_rels, gammas, decays)
+    _check_dtype(dtype)
+
+    def read(path: Path, ranks: list[RankStore]) -> list[Reconstruction]:
+        ranks = common_snapshots(ranks)
+        plans = [solutions_for(r, step, targets) for r in ranks]  # every file checked first
+        parts = []
+        for r, (at, files, solutions) in zip(ranks, plans):
+            weights = np.stack([s.coefficients for s in solutions])
+            tensors = combine(
+                files, weights, _averaged(r.manifest), len(files) - 1, layout_of(r.manifest),
+                dtype, chunk_bytes,
+            )  # fmt: skip
+            parts.append(
+                [
+                    _wrap(o, s.target.label, at, s, files, s.coefficients, r)
+                    for o, s in zip(tensors, solutions)
+                ]
+            )
+        return _gathered(parts, ranks)
+
+    return read_consistent(directory, rank, read)
+
+
+def _check_dtype(dtype: object) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    path, ranks = open_store(directory, rank)
-    parts = []
-    for r in ranks:
-        at, files, solutions = solutions_for(path, r.manifest, step, targets)
-        weights = np.stack([s.coefficients for s in solutions])
-        tensors = combine(files, weights, _averaged(r.manifest), len(files) - 1, dtype, chunk_bytes)
-        parts.append(
-            [
-                _wrap(o, s.target.label, at, s, files, s.coefficients, r)
-                for o, s in zip(tensors, solutions)
-            ]
-        )
-    return parts[0] if len(parts) == 1 else _assemble(parts, ranks)
 
 
 def _wrap(
@@ -240,7 +263,7 @@ def _wrap(
     label: str,
     step: int,
     solution: Solution | None,
-    files: list[store.SnapshotFile],
+    files: list[SnapshotFile],
     coefficients: np.ndarray,
     r: RankStore,
 ) -> Reconstruction:
@@ -322,18 +345,28 @@ def window_average(
         ('window=5', [60, 70, 80, 90, 100])
     """
     k = integer("k", k, 1)
-    path, ranks = open_store(directory, rank)
-    parts = []
-    for r in ranks:
-        at, _, snaps = _until(r.manifest, step)
-        files, _ = _sources(path, r.manifest, snaps, ["live"])
-        if len(files) < k:
-            raise ValueError(
-                f"{path}: window of k={k} live snapshots at step {at}, but the store has "
-                f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
-            )
-        files = files[-k:]
+    _check_dtype(dtype)
+
+    def read(path: Path, ranks: list[RankStore]) -> Reconstruction:
+        ranks = common_snapshots(ranks)
+        plans = []
+        for r in ranks:
+            at, _, snaps = _until(r, step)
+            files, _ = _sources(r, snaps, [LIVE])
+            if len(files) < k:
+                raise ValueError(
+                    f"{path}: window of k={k} live snapshots at step {at}, but the store has "
+                    f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
+                )
+            check_files(files[-k:])
+            plans.append((at, files[-k:]))
+        parts = []
         weights = np.full((1, k), 1.0 / k)
-        (tensors,) = combine(files, weights, _averaged(r.manifest), k - 1, dtype)
-        parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
-    return (parts[0] if len(parts) == 1 else _assemble(parts, ranks))[0]
+        for r, (at, files) in zip(ranks, plans):
+            (tensors,) = combine(
+                files, weights, _averaged(r.manifest), k - 1, layout_of(r.manifest), dtype
+            )
+            parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
+        return _gathered(parts, ranks)[0]
+
+    return read_consistent(directory, rank, read)

@@ -40,10 +40,12 @@ _ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
 class Reconstruction(dict):
     """``{tensor name: tensor}`` of a reconstructed average, and how it was obtained.
 
-    Load it with ``model.load_state_dict(rec, strict=False)`` (names are canonical: no
-    ``module.`` prefixes) or save it with ``safetensors.torch.save_file(rec, path)``. Averaged
-    tensors are float32 (``dtype``); copied tensors (integer buffers, ``buffers="copy"``) come
-    from the latest snapshot used.
+    It holds every tensor the store's manifest lists (a snapshot file lacking one is a
+    :class:`~polyak.posthoc.StoreError`, never a shorter result), under canonical names (no
+    ``module.`` prefixes): load it with ``model.load_state_dict(rec)``, with ``strict=False``
+    only when the EMA tracked a subset of the model (``include``/``exclude``), or save it with
+    ``safetensors.torch.save_file(rec, path)``. Averaged tensors are float32 (``dtype``); copied
+    tensors (integer buffers, ``buffers="copy"``) come from the latest snapshot used.
 
     Attributes:
         label: ``"sigma_rel=0.08"``, ``"decay=0.9995"`` or ``"window=4"``.
@@ -53,6 +55,7 @@ class Reconstruction(dict):
         sources: ``(step, average key)`` of each snapshot file combined, in coefficient order.
         coefficients: the weight of each source (they sum to 1).
         rank: the rank whose shards these are (``None``: full tensors).
+        run_id: the run that wrote the store.
         shards: for a rank's shards, ``{name: {"global_shape", "offset", "local_shape"}}``.
     """
 
@@ -62,6 +65,7 @@ class Reconstruction(dict):
     sources: list[tuple[int, str]]
     coefficients: np.ndarray
     rank: int | None
+    run_id: str
     shards: dict[str, Any] | None
 
     @property
@@ -276,6 +280,7 @@ def _wrap(
         sources=[(f.step, f.key) for f in files],
         coefficients=coefficients,
         rank=r.rank,
+        run_id=r.manifest["run_id"],
         shards=shards or None,
     )
     return out

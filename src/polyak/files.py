@@ -301,7 +301,10 @@ def read_json(
     if st.st_size > max_bytes:
         raise CheckpointError(f"{path} is {st.st_size} bytes, more than {max_bytes}; refusing it")
     with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
+        limit = max_bytes + 1  # read what the file holds, not a buffer of max_bytes
+        data = f.read(min(st.st_size + 1, limit))
+        if len(data) > st.st_size:  # it grew since the stat
+            data += f.read(limit - len(data))
     if len(data) > max_bytes:
         raise CheckpointError(f"{path} grew past {max_bytes} bytes while read; refusing it")
     try:

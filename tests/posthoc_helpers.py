@@ -58,7 +58,7 @@ def set_weights(model: nn.Module, step: int) -> None:
         t.copy_(base * (1 + 1e-3 * step) + 1e-3 * noise)
 
 
-def exact_combination(directory, rec) -> dict[str, torch.Tensor]:
+def exact_combination(directory, rec, manifest_name="manifest.json") -> dict[str, torch.Tensor]:
     """The float64 reference of a reconstruction: ``sum_i x_i snapshot_i`` over its sources,
     one file at a time (a naive loop over the manifest's files, read with safetensors)."""
     import json
@@ -67,7 +67,7 @@ def exact_combination(directory, rec) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = json.loads((directory / manifest_name).read_text())
     names = {
         (s["step"], key): directory / e["name"]
         for s in manifest["snapshots"]

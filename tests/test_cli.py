@@ -201,6 +201,10 @@ POSTHOC_ERRORS = {
         ["--sigma-rel", "0.1", "--step", "5"],
         "no snapshot at or before step 5 (the first is 10)",
     ),
+    "step after the last snapshot": (
+        ["--sigma-rel", "0.1", "--step", "35"],
+        "step 35 is after the last snapshot: ",
+    ),
     "out under /proc": (["--sigma-rel", "0.1", "--out", "/proc/x"], "--out /proc/x: cannot create"),
     "list with a step": (["--list", "--step", "10"], "--list shows the store; it takes no --step"),
 }
@@ -358,6 +362,21 @@ def test_posthoc_list_verify_and_a_corrupt_file(store, capsys, tmp_path):
     assert list(out.iterdir()) == []
     with pytest.raises(polyak.posthoc.ChecksumError):
         main(["posthoc", str(broken), "--sigma-rel", "0.1", "--out", str(out), "--debug"])
+
+
+def test_posthoc_list_verify_of_a_manifest_naming_dev_zero_is_one_line(store, capsys, tmp_path):
+    """On main, --list --verify read /dev/zero for ever."""
+    import json
+    import shutil
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(store, crafted)
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["snapshots"][0]["files"]["sigma0.1"]["name"] = "/dev/zero"
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run(["posthoc", str(crafted), "--list", "--verify"], capsys)
+    assert code == 2
+    assert_one_line(err, "snapshots[0].files.sigma0.1.name '/dev/zero' is not the store's own")
 
 
 def test_posthoc_warnings_are_one_line_each(tmp_path, capsys):

@@ -243,7 +243,12 @@ def regular_file(directory: str | os.PathLike[str], name: str, *, what: str = "f
     """
     folder = Path(directory)
     path = folder / name
-    st = os.stat(path)  # follows a symlink; FileNotFoundError when missing or dangling
+    try:
+        st = os.stat(path)  # follows a symlink; FileNotFoundError when missing or dangling
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a symlink loop, a name too long, no permission
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror}); refusing it") from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{what} {path} is not a regular file; refusing to read it")
     if path.is_symlink() and folder.resolve() not in path.resolve().parents:

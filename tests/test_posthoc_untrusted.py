@@ -288,19 +288,20 @@ def test_a_step_after_the_last_snapshot_is_refused_naming_the_steps(store):
 
 
 # ---------------------------------------------------------------- a reader and a live writer
-def _moving_writer(monkeypatch, move):
-    """Run ``move()`` (a writer going on) once, after a reader has read the manifests and
-    before it opens the files: where the solver runs."""
+def _moving_writer(monkeypatch, move, where="solve"):
+    """Run ``move()`` (a writer going on) once, in the middle of a read: where the solver runs
+    (after the manifest is read; on main, before the files were opened), or where the files
+    are opened (``check_files``: the instant the retry is for)."""
     module = sys.modules["polyak.posthoc.reconstruct"]
-    original, fired = module.solve, []
+    original, fired = getattr(module, where), []
 
-    def solve(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         if not fired:
             fired.append(True)
             move()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, "solve", solve)
+    monkeypatch.setattr(module, where, wrapped)
     return fired
 
 
@@ -310,11 +311,7 @@ def _same(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_a_reader_meeting_a_snapshot_retention_deleted_reads_the_new_manifest(
-    tmp_path, monkeypatch
-):
-    """On main: 'snapshot file ... is corrupt: the file is missing' (~1 read in 10 under a
-    live run with Retention)."""
+def _writer_going_on(tmp_path):
     retention = polyak.posthoc.Retention(every=2, older_than=20)
     model, ph = _run(tmp_path, 30, retention=retention)
 
@@ -324,18 +321,41 @@ def test_a_reader_meeting_a_snapshot_retention_deleted_reads_the_new_manifest(
             ph.update()
         ph.wait()
 
+    return more
+
+
+def test_a_reader_racing_retention_reads_the_snapshots_its_manifest_listed(tmp_path, monkeypatch):
+    """Retention deletes a snapshot while a reconstruction reads: on main, 'snapshot file ...
+    is corrupt: the file is missing' (5% of reads under a live run with Retention, see
+    test_a_live_run_with_retention_and_readers_racing). Now the files are held open from the
+    manifest read on: the result is the store as that manifest listed it."""
+    more = _writer_going_on(tmp_path)
+    before = polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.08)
     fired = _moving_writer(monkeypatch, more)
+    got = polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.08)
+    assert fired and got.step == 30 and min(s for s, _ in got.sources) == 10
+    _same(got, before)
+
+
+def test_a_reader_meeting_a_file_deleted_before_it_opened_it_reads_the_new_manifest(
+    tmp_path, monkeypatch
+):
+    """The deletion comes between the manifest read and the opening of the files: the read
+    starts again on the manifest now in force."""
+    more = _writer_going_on(tmp_path)
+    fired = _moving_writer(monkeypatch, more, where="check_files")
     got = polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.08)
     monkeypatch.undo()
     assert fired and got.step == 40 and min(s for s, _ in got.sources) == 20
     _same(got, polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.08))
 
 
-def test_a_reader_meeting_snapshots_a_resumed_run_replaced_reads_the_new_manifest(
+def test_a_reader_racing_a_resumed_run_replacing_snapshots_reads_a_consistent_store(
     store, monkeypatch
 ):
     """A run resumed from step 15 re-writes steps 20 and 30 (other weights here) while a
-    reader reads: on main, 'corrupt: CRC-32 ...'."""
+    reader reads: on main, 'corrupt: CRC-32 ...'. Before the files are opened, the reader
+    reads the new manifest; after, the files its manifest listed."""
     directory, state, _ = store
     before = polyak.posthoc.reconstruct(directory, sigma_rel=0.08)
 
@@ -344,30 +364,45 @@ def test_a_reader_meeting_snapshots_a_resumed_run_replaced_reads_the_new_manifes
             _run(directory, 15, start=16, state=state, offset=1000)[1].close()
 
     _moving_writer(monkeypatch, resumed)
+    _same(polyak.posthoc.reconstruct(directory, sigma_rel=0.08), before)
+    monkeypatch.undo()
+    after = polyak.posthoc.reconstruct(directory, sigma_rel=0.08)
+    assert not torch.equal(after["0.weight"], before["0.weight"])
+    state2 = {**state}
+
+    def again():
+        with pytest.warns(UserWarning, match="replacing the snapshots"):
+            _run(directory, 15, start=16, state=state2, offset=2000)[1].close()
+
+    _moving_writer(monkeypatch, again, where="check_files")
     got = polyak.posthoc.reconstruct(directory, sigma_rel=0.08)
     monkeypatch.undo()
-    assert not torch.equal(got["0.weight"], before["0.weight"])
+    assert not torch.equal(got["0.weight"], after["0.weight"])
     _same(got, polyak.posthoc.reconstruct(directory, sigma_rel=0.08))
 
 
 def test_a_damaged_file_is_still_reported_while_a_writer_goes_on(tmp_path, monkeypatch):
     """The retry is for files the manifest no longer lists as they were; a damaged file that
     it still lists is named at once."""
-    model, ph = _run(tmp_path, 30)
+    more = _writer_going_on(tmp_path)
     path = tmp_path / _name(tmp_path, 1)
     data = bytearray(path.read_bytes())
     data[-3] ^= 1
     path.write_bytes(bytes(data))
-
-    def more():
-        for step in range(31, 41):
-            set_weights(model, step)
-            ph.update()
-        ph.wait()
-
-    _moving_writer(monkeypatch, more)
+    _moving_writer(monkeypatch, more, where="check_files")
     with pytest.raises(polyak.posthoc.ChecksumError, match=rf"{path.name} \(step 20\).*CRC-32"):
         polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.08)
+
+
+@pytest.mark.slow
+def test_a_live_run_with_retention_and_readers_racing(tmp_path):
+    """A writer process snapshotting every step with Retention, this process reconstructing
+    all the while: on main 5% of the reads failed with a false 'corrupt' (measured: 130 of
+    2607 reads in 3 runs); none may fail now."""
+    from posthoc_workers import race
+
+    reads, failures = race(tmp_path, steps=300)
+    assert reads >= 20 and not failures, (reads, failures)
 
 
 # ---------------------------------------------------------------- sharded stores

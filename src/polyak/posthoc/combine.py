@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from polyak.posthoc.reader import Entry, Layout, Stream, layout_key
-from polyak.posthoc.store import SnapshotFile, StoreError
+from polyak.posthoc.store import Pins, SnapshotFile, StoreError
 
 __all__ = ["combine"]
 
@@ -88,12 +88,14 @@ def combine(
     layout: Layout,
     dtype: torch.dtype = torch.float32,
     chunk_bytes: int = 32 << 20,
+    pins: Pins | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """``[{name: sum_i weights[k, i] * files[i][name]} for k]``; copied tensors from one file.
 
     Args:
         files: the snapshot files (their manifest entries), checked with
-            :func:`~polyak.posthoc.store.check_files`.
+            :func:`~polyak.posthoc.store.check_files`, which gives the ``pins`` they are read
+            through.
         weights: ``(outputs, files)`` coefficients, each row summing to 1.
         averaged: names of the averaged tensors; the others are copied from ``files[copy_from]``.
         copy_from: index of the file that supplies copied tensors (e.g. the latest).
@@ -115,7 +117,8 @@ def combine(
         rows = (
             order[first : first + GROUP] if first == 0 else [anchor, *order[first : first + GROUP]]
         )
-        _Pass([files[i] for i in rows], torch.as_tensor(w[:, rows]).to(dtype), dtype, layout).run(
+        w_rows = torch.as_tensor(w[:, rows]).to(dtype)
+        _Pass([files[i] for i in rows], w_rows, dtype, layout, pins).run(
             averaged,
             rows.index(copy_from) if copy_from in rows else None,
             outputs,
@@ -152,9 +155,14 @@ class _Pass:
     """One pass over up to :data:`GROUP` files (row 0 is the anchor)."""
 
     def __init__(
-        self, files: list[SnapshotFile], w: torch.Tensor, dtype: torch.dtype, layout: Layout
+        self,
+        files: list[SnapshotFile],
+        w: torch.Tensor,
+        dtype: torch.dtype,
+        layout: Layout,
+        pins: Pins | None,
     ) -> None:
-        self.files, self.w, self.dtype, self.layout = files, w, dtype, layout
+        self.files, self.w, self.dtype, self.layout, self.pins = files, w, dtype, layout, pins
 
     def run(
         self,
@@ -170,8 +178,8 @@ class _Pass:
         sum small differences, rounded relative to the differences rather than the weights."""
         streams: list[Stream] = []
         try:
-            for f in self.files:  # all opened first: a file deleted later stays readable
-                streams.append(Stream(f, self.layout))
+            for f in self.files:
+                streams.append(Stream(f, self.layout, self.pins))
             ref = layout_key(streams[0])
             for s in streams[1:]:
                 if layout_key(s) != ref:

@@ -111,8 +111,8 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
                 row["bytes"] += f.size
                 if verify:
                     try:
-                        check_files([f])
-                        reader.verify(f, layout)
+                        with check_files([f]) as pins:
+                            reader.verify(f, layout, pins)
                     except StoreError as e:
                         row["problems"].append(str(e))
     return Listing(

@@ -23,7 +23,7 @@ import torch
 
 from polyak.posthoc.checksum import Checksum
 from polyak.posthoc.errors import ChecksumError, StoreError
-from polyak.posthoc.store import SnapshotFile
+from polyak.posthoc.store import Pins, SnapshotFile
 
 __all__ = ["Entry", "Layout", "Stream", "layout_key", "verify"]
 
@@ -80,10 +80,10 @@ class Entry:
 class Stream:
     """One snapshot file read front to back, its header checked, its checksum computed."""
 
-    def __init__(self, file: SnapshotFile, layout: Layout) -> None:
+    def __init__(self, file: SnapshotFile, layout: Layout, pins: Pins | None = None) -> None:
         self.file = file
         self.check = Checksum(file.algorithm)  # before the open: may raise ImportError
-        self._f = file.open()
+        self._f = file.open() if pins is None else pins.open(file)
         self.pos, self.in_order, self._advised = 0, True, 0
         try:
             (n,) = struct.unpack("<Q", self._read_exact(8))
@@ -236,9 +236,9 @@ def _compare(file: SnapshotFile, value: int, size: int) -> None:
         )
 
 
-def verify(file: SnapshotFile, layout: Layout) -> None:
+def verify(file: SnapshotFile, layout: Layout, pins: Pins | None = None) -> None:
     """Check one file whole: its header against ``layout``, its size and checksum (one read)."""
-    Stream(file, layout).finish()
+    Stream(file, layout, pins).finish()
 
 
 def layout_key(s: Stream) -> list[tuple[Any, ...]]:

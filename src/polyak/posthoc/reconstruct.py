@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,25 +118,31 @@ def _sources(
     return files, used
 
 
-def solutions_for(
-    r: RankStore, step: int | None, targets: Sequence[Target]
-) -> tuple[int, list[SnapshotFile], list[Solution]]:
-    """The step, the snapshot files and one solution per target, from one rank's manifest.
+@dataclass(frozen=True)
+class _Plan:
+    """What one rank's manifest gives for a step: the step, its time, the files to combine
+    and the time of each."""
 
-    The files are checked (:func:`~polyak.posthoc.store.check_files`: regular files inside the
-    store, of the recorded sizes) before the least-squares problem is built, so its size is
-    bounded by the files on disk, not by the manifest alone.
-    """
-    manifest = r.manifest
+    rank: RankStore
+    step: int
+    t: int
+    files: list[SnapshotFile]
+    ts: list[int]
+
+
+def _plan(r: RankStore, step: int | None) -> _Plan:
     at, t, snaps = _until(r, step)
-    keys = sorted(manifest["averages"])
+    keys = sorted(r.manifest["averages"])
     files, used = _sources(r, [s for s in snaps if s["t"] > 0], keys)
     if not files:
         raise ValueError(f"{r.path}: no snapshot of an average at or before step {at}")
-    check_files(files)
-    ts = [s["t"] for s in used]
-    gammas = [manifest["averages"][f.key]["gamma"] for f in files]
-    solutions = [solve(ts, gammas, t, target) for target in targets]
+    return _Plan(r, at, t, files, [s["t"] for s in used])
+
+
+def _solve(plan: _Plan, targets: Sequence[Target]) -> list[Solution]:
+    manifest = plan.rank.manifest
+    gammas = [manifest["averages"][f.key]["gamma"] for f in plan.files]
+    solutions = [solve(plan.ts, gammas, plan.t, target) for target in targets]
     rounding = _ROUNDING.get(manifest["snapshot_dtype"])
     for s in solutions:
         if rounding and s.amplification > 10:
@@ -146,9 +153,23 @@ def solutions_for(
                 "targets narrower than the narrowest stored average need float32 snapshots or "
                 "a narrower average (sigma_rels=...)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-    return at, files, solutions
+    return solutions
+
+
+def solutions_for(
+    r: RankStore, step: int | None, targets: Sequence[Target]
+) -> tuple[int, list[SnapshotFile], list[Solution]]:
+    """The step, the snapshot files and one solution per target, from one rank's manifest.
+
+    The files are checked (:func:`~polyak.posthoc.store.check_files`: regular files inside the
+    store, of the recorded sizes) before the least-squares problem is built, so its size is
+    bounded by the files on disk, not by the manifest alone.
+    """
+    plan = _plan(r, step)
+    check_files(plan.files).close()
+    return plan.step, plan.files, _solve(plan, targets)
 
 
 def targets_from(
@@ -237,22 +258,23 @@ def reconstruct_many(
     _check_dtype(dtype)
 
     def read(path: Path, ranks: list[RankStore]) -> list[Reconstruction]:
-        ranks = common_snapshots(ranks)
-        plans = [solutions_for(r, step, targets) for r in ranks]  # every file checked first
+        plans = [_plan(r, step) for r in common_snapshots(ranks)]
         parts = []
-        for r, (at, files, solutions) in zip(ranks, plans):
-            weights = np.stack([s.coefficients for s in solutions])
-            tensors = combine(
-                files, weights, _averaged(r.manifest), len(files) - 1, layout_of(r.manifest),
-                dtype, chunk_bytes,
-            )  # fmt: skip
-            parts.append(
-                [
-                    _wrap(o, s.target.label, at, s, files, s.coefficients, r)
-                    for o, s in zip(tensors, solutions)
-                ]
-            )
-        return _gathered(parts, ranks)
+        with check_files(f for p in plans for f in p.files) as pins:  # all open from now on
+            for p in plans:
+                solutions = _solve(p, targets)
+                weights = np.stack([s.coefficients for s in solutions])
+                tensors = combine(
+                    p.files, weights, _averaged(p.rank.manifest), len(p.files) - 1,
+                    layout_of(p.rank.manifest), dtype, chunk_bytes, pins,
+                )  # fmt: skip
+                parts.append(
+                    [
+                        _wrap(o, s.target.label, p.step, s, p.files, s.coefficients, p.rank)
+                        for o, s in zip(tensors, solutions)
+                    ]
+                )
+        return _gathered(parts, [p.rank for p in plans])
 
     return read_consistent(directory, rank, read)
 
@@ -363,15 +385,16 @@ def window_average(
                     f"{path}: window of k={k} live snapshots at step {at}, but the store has "
                     f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
                 )
-            check_files(files[-k:])
             plans.append((at, files[-k:]))
         parts = []
         weights = np.full((1, k), 1.0 / k)
-        for r, (at, files) in zip(ranks, plans):
-            (tensors,) = combine(
-                files, weights, _averaged(r.manifest), k - 1, layout_of(r.manifest), dtype
-            )
-            parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
+        with check_files(f for _, files in plans for f in files) as pins:
+            for r, (at, files) in zip(ranks, plans):
+                (tensors,) = combine(
+                    files, weights, _averaged(r.manifest), k - 1, layout_of(r.manifest), dtype,
+                    pins=pins,
+                )  # fmt: skip
+                parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
         return _gathered(parts, ranks)[0]
 
     return read_consistent(directory, rank, read)

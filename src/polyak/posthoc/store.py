@@ -13,9 +13,9 @@ and checked whole against its schema (:mod:`polyak.posthoc.manifest`) before any
 every file name is the store's own name for its snapshot, so nothing outside the directory is
 ever named. Across ranks, :func:`open_store` checks that the manifests present are exactly ranks
 ``0..world_size-1`` of one run with the same settings (so no count comes from a field alone).
-Before a file is read, :func:`check_files` checks that it is a regular file inside the store (a
-symlink leaving it, a device or a fifo are refused) of the size the manifest records; the
-readers then check its tensors against the manifest and its checksum.
+Before a file is read, :func:`check_files` opens it and checks that it is a regular file inside
+the store (a symlink leaving it, a device or a fifo are refused) of the size the manifest
+records; the readers then check its tensors against the manifest and its checksum.
 
 **Readers and a live writer.** A run keeps writing its store while others read it: it appends
 snapshots and, with ``Retention`` or when resumed, drops snapshots from the manifest and then
@@ -26,9 +26,10 @@ manifest no longer lists that file as the reader saw it. :func:`read_consistent`
 the manifests it loaded and, when the read fails on a file, re-reads that file's manifest: if it
 still lists the file unchanged, the failure is real (a damaged file, named); otherwise the
 store moved on and the read starts again on the new manifests (a few times at most, then a
-:class:`StoreError` that says so). Every file of a reconstruction is opened before any is read,
-so a retry is needed only when a snapshot is dropped in that instant; a reader never reports a
-false "corrupt".
+:class:`StoreError` that says so). Every file of a reconstruction is opened right after the
+manifest is read and held open until the end (:class:`Pins`), so a retry is needed only when a
+snapshot is dropped in that instant (a few milliseconds); a reader never reports a false
+"corrupt".
 
 Example:
     >>> import tempfile, torch, polyak
@@ -73,6 +74,7 @@ __all__ = [
     "VERSION",
     "ChecksumError",
     "ForeignRunError",
+    "Pins",
     "RankStore",
     "SnapshotFile",
     "StoreError",
@@ -89,7 +91,8 @@ __all__ = [
 
 _MANIFEST_RE = re.compile(r"manifest(?:\.rank(0|[1-9][0-9]{0,8}))?\.json")
 MAX_MANIFEST_BYTES = 256 << 20
-RETRIES = 8  # re-reads of a store that moved on under a reader before giving up
+RETRIES = 10  # re-reads of a store that moved on under a reader before giving up
+PIN_BUDGET = 1024  # files held open at once by a reader (more are opened when read)
 _SAME = ("snapshot_dtype", "start_step", "live", "averages", "world_size")  # across ranks
 T = TypeVar("T")
 
@@ -159,21 +162,65 @@ def snapshot_files(
     return out
 
 
-def check_files(used: Iterable[SnapshotFile]) -> None:
-    """Before reading: each file is a regular file inside the store of the recorded size, and
-    its checksum can be computed here (all checked before any byte is read)."""
-    for f in used:
-        try:
-            size = _files.regular_file(f.path.parent, f.path.name, what="snapshot file").stat()
-        except FileNotFoundError:
-            raise ChecksumError(f.path, f.step, "the file is missing", file=f) from None
-        except CheckpointError as e:
-            raise StoreError(str(e), file=f) from None
-        if size.st_size != f.size:
-            raise ChecksumError(
-                f.path, f.step, f"{size.st_size} bytes, the manifest says {f.size}", file=f
-            )
-        checksum.Checksum(f.algorithm)  # ImportError naming the package, if it is missing
+class Pins:
+    """Snapshot files held open from the moment they were checked until the read is over.
+
+    A file a writer deletes stays readable through a descriptor opened before (POSIX), so a
+    reader that opens every file right after reading the manifest reads exactly the files that
+    manifest listed, however long the read takes. :meth:`open` gives a reader its own handle on
+    a held file (or opens one by name beyond :data:`PIN_BUDGET` files).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[Path, IO[bytes]] = {}
+
+    def hold(self, file: SnapshotFile, handle: IO[bytes]) -> None:
+        if len(self._held) < PIN_BUDGET and file.path not in self._held:
+            self._held[file.path] = handle
+        else:
+            handle.close()
+
+    def open(self, file: SnapshotFile) -> IO[bytes]:
+        """A handle on ``file`` positioned at its start (the held one, duplicated)."""
+        held = self._held.get(file.path)
+        if held is None:
+            return file.open()
+        handle = os.fdopen(os.dup(held.fileno()), "rb", buffering=0)
+        handle.seek(0)  # a duplicate shares the offset with the held one: start over
+        return handle
+
+    def close(self) -> None:
+        for handle in self._held.values():
+            handle.close()
+        self._held.clear()
+
+    def __enter__(self) -> Pins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_files(used: Iterable[SnapshotFile]) -> Pins:
+    """Before reading: open each file (a regular file inside the store, checked on the open
+    descriptor), check its size against the manifest and that its checksum can be computed
+    here. All are checked before any byte is read; the files stay open (:class:`Pins`, use it
+    as a context manager) so that a writer deleting one meanwhile does not disturb the read."""
+    pins = Pins()
+    try:
+        for f in used:
+            handle = f.open()
+            size = os.fstat(handle.fileno()).st_size
+            pins.hold(f, handle)
+            if size != f.size:
+                raise ChecksumError(
+                    f.path, f.step, f"{size} bytes, the manifest says {f.size}", file=f
+                )
+            checksum.Checksum(f.algorithm)  # ImportError naming the package, if it is missing
+    except BaseException:
+        pins.close()
+        raise
+    return pins
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,8 @@ def _moving_writer(monkeypatch, move, where="solve"):
     (after the manifest is read; on main, before the files were opened), or where the files
     are opened (``check_files``: the instant the retry is for)."""
     module = sys.modules["polyak.posthoc.reconstruct"]
+    if where == "solve" and "polyak.posthoc.plan" in sys.modules:  # moved there from reconstruct
+        module = sys.modules["polyak.posthoc.plan"]
     original, fired = getattr(module, where), []
 
     def wrapped(*args, **kwargs):

@@ -15,9 +15,9 @@ The two threads split the work by what bounds it. The reader thread only reads a
 (CRC-32C in hardware: ~16 GB/s, so the disk bounds it). The calling thread converts and
 multiplies in blocks of a few thousand columns whose float32 copy stays in the L2 cache: the
 stored dtype (e.g. float16) is converted, the anchor subtracted and ``W`` applied while the
-block is in cache, so the float32 matrix never goes through main memory. To make each block's
-conversion one contiguous copy, a file's chunk is read straight into the blocks' rows
-(``preadv``: one system call scatters it).
+block is in cache, so the float32 matrix never goes through main memory. (Reading each file's
+chunk straight into the blocks' rows with ``preadv``, to make each conversion contiguous, was
+measured slower: the kernel's copies into many small buffers cost more than they saved.)
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from polyak.posthoc.reader import Entry, Layout, Stream, layout_key
-from polyak.posthoc.store import Pins, SnapshotFile, StoreError
+from polyak.posthoc.reading import Pins
+from polyak.posthoc.store import SnapshotFile, StoreError
 
 __all__ = ["combine"]
 
 GROUP = 128  # files open at once; more are combined in several passes (still one read each)
 _SLOTS = 2  # staging buffers: one being filled by the reader thread, one being multiplied
-_BLOCK_BYTES = 1 << 20  # float32 working block (files x columns), sized for the L2 cache
-_MAX_BLOCKS = 512  # blocks per chunk: buffers of one preadv, well below IOV_MAX (1024)
+_BLOCK_BYTES = 2 << 20  # float32 working block (files x columns), sized for the L2 cache
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def combine(
 
     Args:
         files: the snapshot files (their manifest entries), checked with
-            :func:`~polyak.posthoc.store.check_files`, which gives the ``pins`` they are read
+            :func:`~polyak.posthoc.reading.check_files`, which gives the ``pins`` they are read
             through.
         weights: ``(outputs, files)`` coefficients, each row summing to 1.
         averaged: names of the averaged tensors; the others are copied from ``files[copy_from]``.
@@ -130,25 +130,17 @@ def combine(
 
 
 class _Slot:
-    """A staging buffer: the raw bytes of one chunk of every file, laid out block by block
-    (block ``j``: a contiguous ``(files, columns)`` matrix), so that each block converts in one
-    contiguous copy."""
+    """A staging buffer: the raw bytes of one chunk of every file (row ``i``: file ``i``)."""
 
-    def __init__(self, n: int, width: int, block: int, item: int) -> None:
+    def __init__(self, n: int, width: int, item: int) -> None:
         self.raw = bytearray(n * width * item)
-        self.n, self.block, self.item = n, block, item
+        self.n, self.width, self.item = n, width, item
         self.copied = b""
 
-    def blocks(self, c: int) -> list[tuple[int, int]]:
-        """``(byte offset, columns)`` of each block of a chunk of ``c`` columns."""
-        return [(j * self.n * self.item, min(self.block, c - j)) for j in range(0, c, self.block)]
-
-    def rows(self, i: int, c: int) -> list[memoryview]:
-        """Where file ``i``'s bytes of a chunk of ``c`` columns go, in file order."""
-        view = memoryview(self.raw)
-        return [
-            view[at + i * k * self.item : at + (i + 1) * k * self.item] for at, k in self.blocks(c)
-        ]
+    def row(self, i: int, c: int) -> memoryview:
+        """Where file ``i``'s ``c`` columns of a chunk go."""
+        at = i * self.width * self.item
+        return memoryview(self.raw)[at : at + c * self.item]
 
 
 class _Pass:
@@ -193,8 +185,8 @@ class _Pass:
             longest = max((sum(e.numel for e in r) for r in _runs(entries, averaged)), default=1)
             item = max((e.dtype.itemsize for e in entries if e.name in averaged), default=1)
             block = max(1, min(_BLOCK_BYTES // (self.dtype.itemsize * n), longest))
-            width = max(1, min(chunk_bytes // (item * n), longest, block * _MAX_BLOCKS))
-            slots = [_Slot(n, width, block, item) for _ in range(_SLOTS)]
+            width = max(1, min(chunk_bytes // (item * n), longest))
+            slots = [_Slot(n, width, item) for _ in range(_SLOTS)]
             self.matrix = torch.empty(n, block, dtype=self.dtype)
             self.anchor = torch.empty(block, dtype=self.dtype)
             self.result = torch.empty(self.w.shape[0], width, dtype=self.dtype)
@@ -254,13 +246,14 @@ class _Pass:
     def _multiply(self, step: _Step, slot: _Slot, outputs: list[dict[str, torch.Tensor]]) -> None:
         run, a, c = step.run, step.a, step.c
         n, dtype = slot.n, run[0].dtype
-        for at, k in slot.blocks(c):  # one block in the cache at a time
-            stored = torch.frombuffer(slot.raw, dtype=dtype, count=n * k, offset=at)
+        stored = torch.frombuffer(slot.raw, dtype=dtype, count=n * slot.width).view(n, slot.width)
+        block = self.matrix.shape[1]
+        for j in range(0, c, block):  # one block in the cache at a time
+            k = min(block, c - j)
             m, anchor = self.matrix[:, :k], self.anchor[:k]
-            m.copy_(stored.view(n, k))
+            m.copy_(stored[:, j : j + k])
             anchor.copy_(m[0])
             m.sub_(anchor)  # row 0 (the anchor) is now 0
-            j = at // (n * slot.item)
             out = self.result[:, j : j + k]
             if self.anchored:
                 torch.addmm(anchor, self.w, m, out=out)
@@ -299,14 +292,14 @@ def _produce(
                 slot.copied = b""
                 for i, s in enumerate(streams):
                     buf = bytearray(e.end - e.begin)
-                    s.read_into(e.begin, [memoryview(buf)])
+                    s.read_into(e.begin, memoryview(buf))
                     if i == copy_row:
                         slot.copied = bytes(buf)
                 ready.put(slot)
                 continue
             begin = e.begin + step.a * e.dtype.itemsize
             for i, s in enumerate(streams):
-                s.read_into(begin, slot.rows(i, step.c))
+                s.read_into(begin, slot.row(i, step.c))
             ready.put(slot)
     except BaseException as e:
         ready.put(e)

@@ -17,15 +17,10 @@ import numpy as np
 
 from polyak._horizon import integer
 from polyak.posthoc import reader
+from polyak.posthoc.plan import solutions_for, targets_from
 from polyak.posthoc.profiles import Solution, profile_masses, target_masses
-from polyak.posthoc.reconstruct import solutions_for, targets_from
-from polyak.posthoc.store import (
-    StoreError,
-    check_files,
-    open_store,
-    read_consistent,
-    unlisted_files,
-)
+from polyak.posthoc.reading import check_files, read_consistent
+from polyak.posthoc.store import StoreError, open_store, unlisted_files
 
 __all__ = ["Listing", "WeightProfile", "list_snapshots", "weight_profiles"]
 

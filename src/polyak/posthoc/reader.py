@@ -23,12 +23,12 @@ import torch
 
 from polyak.posthoc.checksum import Checksum
 from polyak.posthoc.errors import ChecksumError, StoreError
-from polyak.posthoc.store import Pins, SnapshotFile
+from polyak.posthoc.reading import Pins
+from polyak.posthoc.store import SnapshotFile
 
 __all__ = ["Entry", "Layout", "Stream", "layout_key", "verify"]
 
 _ADVISE = hasattr(os, "posix_fadvise")
-_PREADV = hasattr(os, "preadv")
 _AHEAD = 16 << 20  # bytes per file asked ahead of the reads
 _REST = 1 << 20
 _MAX_HEADER = 100 << 20  # safetensors' own limit
@@ -163,21 +163,25 @@ class Stream:
         self.pos += n
         return data
 
-    def read_into(self, begin: int, parts: list[memoryview]) -> None:
-        """Fill ``parts``, in order, with the bytes from data offset ``begin`` on."""
+    def read_into(self, begin: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at data offset ``begin``."""
         at = self.data_start + begin
-        size = sum(len(p) for p in parts)
-        if _ADVISE and at + size > self._advised - _AHEAD // 2:
+        if _ADVISE and at + len(out) > self._advised - _AHEAD // 2:
             # let the kernel fetch the next stretch while we convert and multiply this one
             os.posix_fadvise(self._f.fileno(), at, _AHEAD, os.POSIX_FADV_WILLNEED)
             self._advised = at + _AHEAD
         if at != self.pos:
             self.in_order = False  # verified by a separate pass in finish()
-        _read_at(self._f, parts, at, self._truncated)
+            self._f.seek(at)
+        got = 0
+        while got < len(out):
+            n = self._f.readinto(out[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise self._truncated()
+            got += n
         if self.in_order:
-            for p in parts:
-                self.check.update(p)
-        self.pos = at + size
+            self.check.update(out)
+        self.pos = at + got
 
     def _truncated(self) -> ChecksumError:
         return ChecksumError(
@@ -200,25 +204,6 @@ class Stream:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _read_at(f: Any, parts: list[memoryview], at: int, truncated: Any) -> None:
-    """Read into ``parts`` from offset ``at`` (one ``preadv`` per call where there is one)."""
-    fd = f.fileno()
-    while parts:
-        if _PREADV:
-            n = os.preadv(fd, parts, at)
-        else:  # Windows: no preadv
-            f.seek(at)
-            n = f.readinto(parts[0])
-        if not n:
-            raise truncated()
-        at += n
-        while parts and n >= len(parts[0]):
-            n -= len(parts[0])
-            parts = parts[1:]
-        if n:
-            parts = [parts[0][n:], *parts[1:]]
 
 
 def _compare(file: SnapshotFile, value: int, size: int) -> None:

@@ -10,9 +10,7 @@ process (``rank=None``, no ``torch.distributed`` needed).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +20,14 @@ import torch
 from polyak._horizon import integer
 from polyak.posthoc.combine import combine
 from polyak.posthoc.manifest import LIVE
-from polyak.posthoc.profiles import Solution, Target, solve
+from polyak.posthoc.plan import plan_for, solutions, sources, targets_from, until
+from polyak.posthoc.profiles import Solution, Target
 from polyak.posthoc.ranks import assemble, common_snapshots
 from polyak.posthoc.reader import layout_of
-from polyak.posthoc.store import (
-    RankStore,
-    SnapshotFile,
-    StoreError,
-    check_files,
-    read_consistent,
-)
+from polyak.posthoc.reading import check_files, read_consistent
+from polyak.posthoc.store import RankStore, SnapshotFile
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
-
-_ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
 
 
 class Reconstruction(dict):
@@ -73,115 +65,6 @@ class Reconstruction(dict):
     def fit(self) -> float | None:
         """Relative L2 distance between the achieved and the target weight profile."""
         return None if self.solution is None else self.solution.fit
-
-
-def _steps_text(snaps: list[dict[str, Any]]) -> str:
-    steps = [s["step"] for s in snaps]
-    shown = ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, ..., {steps[-1]}"
-    return f"{len(steps)} snapshot(s), at steps {shown}"
-
-
-def _until(r: RankStore, step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
-    """``(step, t, snapshots)``: the step asked for, its time, and the snapshots up to it."""
-    snaps = r.manifest["snapshots"]
-    if not snaps:
-        raise StoreError(f"{r.path}: the store holds no snapshots yet")
-    if step is None:
-        last = snaps[-1]
-        return last["step"], last["t"], snaps
-    step = integer("step", step, 1)
-    if step > snaps[-1]["step"]:
-        raise ValueError(
-            f"step {step} is after the last snapshot: {r.path.parent} holds "
-            f"{_steps_text(snaps)}; pass a step up to {snaps[-1]['step']} (or none, for the last)"
-        )
-    used = [s for s in snaps if s["step"] <= step]
-    if not used:
-        raise ValueError(
-            f"no snapshot at or before step {step} (the first is {snaps[0]['step']}): "
-            f"{r.path.parent} holds {_steps_text(snaps)}"
-        )
-    exact = [s["t"] for s in used if s["step"] == step]
-    return step, exact[0] if exact else step - r.manifest["start_step"], used
-
-
-def _sources(
-    r: RankStore, snaps: list[dict[str, Any]], keys: Sequence[str]
-) -> tuple[list[SnapshotFile], list[dict[str, Any]]]:
-    files, used = [], []
-    for s in snaps:
-        entries = r.files(s)
-        for key in keys:
-            if key in entries:
-                files.append(entries[key])
-                used.append(s)
-    return files, used
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one rank's manifest gives for a step: the step, its time, the files to combine
-    and the time of each."""
-
-    rank: RankStore
-    step: int
-    t: int
-    files: list[SnapshotFile]
-    ts: list[int]
-
-
-def _plan(r: RankStore, step: int | None) -> _Plan:
-    at, t, snaps = _until(r, step)
-    keys = sorted(r.manifest["averages"])
-    files, used = _sources(r, [s for s in snaps if s["t"] > 0], keys)
-    if not files:
-        raise ValueError(f"{r.path}: no snapshot of an average at or before step {at}")
-    return _Plan(r, at, t, files, [s["t"] for s in used])
-
-
-def _solve(plan: _Plan, targets: Sequence[Target]) -> list[Solution]:
-    manifest = plan.rank.manifest
-    gammas = [manifest["averages"][f.key]["gamma"] for f in plan.files]
-    solutions = [solve(plan.ts, gammas, plan.t, target) for target in targets]
-    rounding = _ROUNDING.get(manifest["snapshot_dtype"])
-    for s in solutions:
-        if rounding and s.amplification > 10:
-            warnings.warn(
-                f"{s.target.label}: the snapshots' coefficients add up to {s.amplification:.0f} "
-                f"in absolute value, which magnifies their {manifest['snapshot_dtype']} rounding "
-                f"(up to {rounding:.0e} of each weight) to up to {rounding * s.amplification:.0e}; "
-                "targets narrower than the narrowest stored average need float32 snapshots or "
-                "a narrower average (sigma_rels=...)",
-                UserWarning,
-                stacklevel=4,
-            )
-    return solutions
-
-
-def solutions_for(
-    r: RankStore, step: int | None, targets: Sequence[Target]
-) -> tuple[int, list[SnapshotFile], list[Solution]]:
-    """The step, the snapshot files and one solution per target, from one rank's manifest.
-
-    The files are checked (:func:`~polyak.posthoc.store.check_files`: regular files inside the
-    store, of the recorded sizes) before the least-squares problem is built, so its size is
-    bounded by the files on disk, not by the manifest alone.
-    """
-    plan = _plan(r, step)
-    check_files(plan.files).close()
-    return plan.step, plan.files, _solve(plan, targets)
-
-
-def targets_from(
-    sigma_rels: Sequence[float], gammas: Sequence[float], decays: Sequence[float]
-) -> list[Target]:
-    """The targets in the order the results come in: sigma_rels, gammas, decays."""
-    targets = [Target.make(s) for s in sigma_rels]
-    targets += [Target.make(gamma=g) for g in gammas]
-    targets += [Target.make(decay=d) for d in decays]
-    if not targets:
-        raise ValueError("give at least one target: sigma_rels, gammas or decays")
-    return targets
 
 
 def _averaged(manifest: dict[str, Any]) -> set[str]:
@@ -258,12 +141,12 @@ def reconstruct_many(
     _check_dtype(dtype)
 
     def read(path: Path, ranks: list[RankStore]) -> list[Reconstruction]:
-        plans = [_plan(r, step) for r in common_snapshots(ranks)]
+        plans = [plan_for(r, step) for r in common_snapshots(ranks)]
         parts = []
         with check_files(f for p in plans for f in p.files) as pins:  # all open from now on
             for p in plans:
-                solutions = _solve(p, targets)
-                weights = np.stack([s.coefficients for s in solutions])
+                solved = solutions(p, targets)
+                weights = np.stack([s.coefficients for s in solved])
                 tensors = combine(
                     p.files, weights, _averaged(p.rank.manifest), len(p.files) - 1,
                     layout_of(p.rank.manifest), dtype, chunk_bytes, pins,
@@ -271,7 +154,7 @@ def reconstruct_many(
                 parts.append(
                     [
                         _wrap(o, s.target.label, p.step, s, p.files, s.coefficients, p.rank)
-                        for o, s in zip(tensors, solutions)
+                        for o, s in zip(tensors, solved)
                     ]
                 )
         return _gathered(parts, [p.rank for p in plans])
@@ -378,8 +261,8 @@ def window_average(
         ranks = common_snapshots(ranks)
         plans = []
         for r in ranks:
-            at, _, snaps = _until(r, step)
-            files, _ = _sources(r, snaps, [LIVE])
+            at, _, snaps = until(r, step)
+            files, _ = sources(r, snaps, [LIVE])
             if len(files) < k:
                 raise ValueError(
                     f"{path}: window of k={k} live snapshots at step {at}, but the store has "

@@ -1,4 +1,4 @@
-"""The snapshot store on disk: a manifest per rank, its files, run identity; reading it safely.
+"""The snapshot store on disk: a manifest per rank, its files, run identity, checked on opening.
 
 A store is a directory holding, per writing rank, one JSON manifest and the safetensors files
 it lists. The manifest is the single source of truth: readers use exactly the files it lists
@@ -13,23 +13,11 @@ and checked whole against its schema (:mod:`polyak.posthoc.manifest`) before any
 every file name is the store's own name for its snapshot, so nothing outside the directory is
 ever named. Across ranks, :func:`open_store` checks that the manifests present are exactly ranks
 ``0..world_size-1`` of one run with the same settings (so no count comes from a field alone).
-Before a file is read, :func:`check_files` opens it and checks that it is a regular file inside
-the store (a symlink leaving it, a device or a fifo are refused) of the size the manifest
-records; the readers then check its tensors against the manifest and its checksum.
-
-**Readers and a live writer.** A run keeps writing its store while others read it: it appends
-snapshots and, with ``Retention`` or when resumed, drops snapshots from the manifest and then
-deletes their files (a resumed run may write a new file under a dropped one's name). Files are
-never changed in place, and a file a reader has open stays readable after its deletion. So a
-reader can only meet a file that disappeared or changed *since it read the manifest*; then the
-manifest no longer lists that file as the reader saw it. :func:`read_consistent` runs a read on
-the manifests it loaded and, when the read fails on a file, re-reads that file's manifest: if it
-still lists the file unchanged, the failure is real (a damaged file, named); otherwise the
-store moved on and the read starts again on the new manifests (a few times at most, then a
-:class:`StoreError` that says so). Every file of a reconstruction is opened right after the
-manifest is read and held open until the end (:class:`Pins`), so a retry is needed only when a
-snapshot is dropped in that instant (a few milliseconds); a reader never reports a false
-"corrupt".
+Before a file is read, :func:`polyak.posthoc.reading.check_files` opens it and checks that it
+is a regular file inside the store (a symlink leaving it, a device or a fifo are refused) of the
+size the manifest records; the readers then check its tensors against the manifest and its
+checksum (:mod:`polyak.posthoc.reader`). How readers and a live writer coexist is the subject
+of :mod:`polyak.posthoc.reading`.
 
 Example:
     >>> import tempfile, torch, polyak
@@ -48,14 +36,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from polyak import files as _files
 from polyak.errors import CheckpointError
-from polyak.posthoc import checksum
 from polyak.posthoc.errors import ChecksumError, ForeignRunError, StoreError
 from polyak.posthoc.manifest import (
     FORMAT,
@@ -74,27 +60,21 @@ __all__ = [
     "VERSION",
     "ChecksumError",
     "ForeignRunError",
-    "Pins",
     "RankStore",
     "SnapshotFile",
     "StoreError",
-    "check_files",
     "file_name",
     "find_manifests",
     "manifest_name",
     "new_run_id",
     "open_store",
-    "read_consistent",
     "read_manifest",
     "unlisted_files",
 ]
 
 _MANIFEST_RE = re.compile(r"manifest(?:\.rank(0|[1-9][0-9]{0,8}))?\.json")
 MAX_MANIFEST_BYTES = 256 << 20
-RETRIES = 10  # re-reads of a store that moved on under a reader before giving up
-PIN_BUDGET = 1024  # files held open at once by a reader (more are opened when read)
 _SAME = ("snapshot_dtype", "start_step", "live", "averages", "world_size")  # across ranks
-T = TypeVar("T")
 
 
 def find_manifests(directory: Path) -> dict[int | None, Path]:
@@ -160,67 +140,6 @@ def snapshot_files(
             manifest["run_id"], manifest_path,
         )  # fmt: skip
     return out
-
-
-class Pins:
-    """Snapshot files held open from the moment they were checked until the read is over.
-
-    A file a writer deletes stays readable through a descriptor opened before (POSIX), so a
-    reader that opens every file right after reading the manifest reads exactly the files that
-    manifest listed, however long the read takes. :meth:`open` gives a reader its own handle on
-    a held file (or opens one by name beyond :data:`PIN_BUDGET` files).
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[Path, IO[bytes]] = {}
-
-    def hold(self, file: SnapshotFile, handle: IO[bytes]) -> None:
-        if len(self._held) < PIN_BUDGET and file.path not in self._held:
-            self._held[file.path] = handle
-        else:
-            handle.close()
-
-    def open(self, file: SnapshotFile) -> IO[bytes]:
-        """A handle on ``file`` positioned at its start (the held one, duplicated)."""
-        held = self._held.get(file.path)
-        if held is None:
-            return file.open()
-        handle = os.fdopen(os.dup(held.fileno()), "rb", buffering=0)
-        handle.seek(0)  # a duplicate shares the offset with the held one: start over
-        return handle
-
-    def close(self) -> None:
-        for handle in self._held.values():
-            handle.close()
-        self._held.clear()
-
-    def __enter__(self) -> Pins:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def check_files(used: Iterable[SnapshotFile]) -> Pins:
-    """Before reading: open each file (a regular file inside the store, checked on the open
-    descriptor), check its size against the manifest and that its checksum can be computed
-    here. All are checked before any byte is read; the files stay open (:class:`Pins`, use it
-    as a context manager) so that a writer deleting one meanwhile does not disturb the read."""
-    pins = Pins()
-    try:
-        for f in used:
-            handle = f.open()
-            size = os.fstat(handle.fileno()).st_size
-            pins.hold(f, handle)
-            if size != f.size:
-                raise ChecksumError(
-                    f.path, f.step, f"{size} bytes, the manifest says {f.size}", file=f
-                )
-            checksum.Checksum(f.algorithm)  # ImportError naming the package, if it is missing
-    except BaseException:
-        pins.close()
-        raise
-    return pins
 
 
 @dataclass(frozen=True)
@@ -335,46 +254,3 @@ def _same_tensors(where: Path, mine: dict[str, Any], first: dict[str, Any]) -> N
             same = same and info["shard"]["global_shape"] == ref["shard"]["global_shape"]
         if not same:
             raise StoreError(f"{where}: tensors[{name!r}] differs from rank 0's ({info})")
-
-
-def _still_listed(file: SnapshotFile) -> bool:
-    """Whether ``file``'s manifest, read again now, still lists it as it did."""
-    try:
-        manifest = read_manifest(file.manifest)
-    except StoreError:
-        return False
-    for snap in manifest["snapshots"]:
-        entry = snap["files"].get(file.key) if snap["step"] == file.step else None
-        if entry is not None:
-            return (
-                entry["name"] == file.path.name
-                and entry["bytes"] == file.size
-                and (checksum_of(entry) == (file.algorithm, file.checksum))
-            )
-    return False
-
-
-def read_consistent(
-    directory: str | os.PathLike[str],
-    rank: int | None,
-    read: Callable[[Path, list[RankStore]], T],
-    *,
-    warn: bool = True,
-) -> T:
-    """``read(path, ranks)`` on the store's manifests, again on new ones if the store moved on.
-
-    See the module docstring: a failure on a file that the manifest no longer lists as it did
-    (a writer dropped or replaced it meanwhile) restarts the read on the manifests now in force.
-    """
-    for attempt in range(RETRIES):
-        path, ranks = open_store(directory, rank, warn=warn and attempt == 0)
-        try:
-            return read(path, ranks)
-        except StoreError as e:
-            if e.file is None or _still_listed(e.file):
-                raise
-            last = e
-    raise StoreError(
-        f"{directory}: a run writing the store dropped or replaced the snapshots being read "
-        f"{RETRIES} times in a row ({last}); read it again, or when the run is over"
-    ) from last

@@ -14,7 +14,7 @@ of this run's and this rank's own pattern, and the path a regular file (not a sy
 store. The manifest it appends to is read through the same checks as any reader's
 (:func:`polyak.posthoc.store.read_manifest`). Readers that have the dropped files open keep
 reading them; those that meet a deleted one re-read the manifest
-(:func:`polyak.posthoc.store.read_consistent`).
+(:func:`polyak.posthoc.reading.read_consistent`).
 """
 
 from __future__ import annotations

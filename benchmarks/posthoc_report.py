@@ -60,7 +60,8 @@ def markdown(result: dict, summary: dict) -> str:
         "so both read from the disk; hot: both read from memory. Budget: (outputs + 1) x the "
         "float32 model + one snapshot. Extra memory: peak RSS of the child above its RSS before "
         "the call. CPU-seconds: user + system time of the process (both threads of the "
-        "reconstruction: one reads, checks CRC-32 and converts, the other multiplies).",
+        "reconstruction: one reads and checks each file's checksum, the other converts and "
+        "multiplies).",
         "",
         "## Snapshot stall",
         "",
@@ -72,7 +73,7 @@ def markdown(result: dict, summary: dict) -> str:
         f"(both compete for the 2 cores), and with a snapshot every {c['every']} steps the "
         f"step before a snapshot still waited {u['wait_for_previous_write_s'] * 1e3:.0f} ms "
         f"for the previous write ({result['store']['bytes'] / c['snapshots'] / 1e6:.0f} MB per "
-        "snapshot: write, fsync, CRC-32).",
+        "snapshot: write, fsync, checksum).",
     ]
     if "precision" in result:
         lines += _precision(result["precision"])

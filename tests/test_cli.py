@@ -201,6 +201,10 @@ POSTHOC_ERRORS = {
         ["--sigma-rel", "0.1", "--step", "5"],
         "no snapshot at or before step 5 (the first is 10)",
     ),
+    "step after the last snapshot": (
+        ["--sigma-rel", "0.1", "--step", "35"],
+        "step 35 is after the last snapshot: ",
+    ),
     "out under /proc": (["--sigma-rel", "0.1", "--out", "/proc/x"], "--out /proc/x: cannot create"),
     "list with a step": (["--list", "--step", "10"], "--list shows the store; it takes no --step"),
 }
@@ -250,9 +254,17 @@ def test_posthoc_writes_one_file_per_target_and_the_profiles(store, capsys, tmp_
     assert "reconstructed at step 20" in printed
 
 
-def test_posthoc_writes_all_outputs_or_none(store, capsys, tmp_path, monkeypatch):
-    """A failure while writing the second file leaves no new file and the old outputs as
-    they were (every output is complete before any replaces an earlier one)."""
+def _two_targets(store):
+    return ["posthoc", str(store), "--sigma-rel", "0.05", "0.1", "--out"]
+
+
+def _posthoc_outputs(out):
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_posthoc_a_full_disk_is_one_line_and_replaces_nothing(store, capsys, tmp_path, monkeypatch):
+    """ENOSPC while writing the second file: exit 2, one line, the earlier output as it was,
+    no temporary file left (every output is complete before any replaces an earlier one)."""
     import safetensors.torch
 
     out = tmp_path / "out"
@@ -268,10 +280,60 @@ def test_posthoc_writes_all_outputs_or_none(store, capsys, tmp_path, monkeypatch
         return original(*a, **k)
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
-    with pytest.raises(OSError, match="No space left"):  # not a user error: a traceback
-        main(["posthoc", str(store), "--sigma-rel", "0.05", "0.1", "--out", str(out)])
-    assert len(calls) == 2
-    assert [p.name for p in out.iterdir()] == ["sigma_rel=0.05.safetensors"]
+    code, err = run([*_two_targets(store), str(out)], capsys)
+    assert code == 2 and len(calls) == 2
+    assert_one_line(err, "No space left on device")
+    assert "nothing was replaced" in err and "Traceback" not in err
+    assert _posthoc_outputs(out) == {"sigma_rel=0.05.safetensors": b"an earlier output"}
+    with pytest.raises(OSError, match="No space left"):  # --debug: the traceback
+        calls.clear()
+        main(["posthoc", str(store), "--sigma-rel", "0.05", "0.1", "--out", str(out), "--debug"])
+    assert _posthoc_outputs(out) == {"sigma_rel=0.05.safetensors": b"an earlier output"}
+
+
+def test_posthoc_a_rename_failing_midway_puts_every_output_back(
+    store, capsys, tmp_path, monkeypatch
+):
+    """The commit itself fails after the first output replaced its earlier version: that one
+    is put back, the rest untouched, no temporary file left."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    before = {f"sigma_rel={s}.safetensors": f"old {s}".encode() for s in (0.05, 0.1)}
+    before["weight_profiles.png"] = b"old png"
+    for name, data in before.items():
+        (out / name).write_bytes(data)
+    real, renamed = os.replace, []
+
+    def failing(src, dst):
+        new = Path(dst).name == "sigma_rel=0.1.safetensors" and Path(src).suffix == ".tmp"
+        if new and "failed" not in renamed:  # the new output's rename, once
+            renamed.append("failed")
+            raise OSError(28, "No space left on device")
+        renamed.append(Path(dst).name)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    code, err = run([*_two_targets(store), str(out)], capsys)
+    assert "sigma_rel=0.05.safetensors" in renamed  # the failure came midway
+    assert code == 2
+    assert_one_line(err, "No space left on device")
+    assert _posthoc_outputs(out) == before
+
+
+def test_posthoc_an_output_that_cannot_be_replaced_is_one_line(store, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sigma_rel=0.05.safetensors").write_bytes(b"an earlier output")
+    (out / "sigma_rel=0.1.safetensors").mkdir()  # not a file: it cannot be replaced
+    code, err = run([*_two_targets(store), str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, "sigma_rel=0.1.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sigma_rel=0.05.safetensors",
+        "sigma_rel=0.1.safetensors",
+    ]
     assert (out / "sigma_rel=0.05.safetensors").read_bytes() == b"an earlier output"
 
 
@@ -300,6 +362,21 @@ def test_posthoc_list_verify_and_a_corrupt_file(store, capsys, tmp_path):
     assert list(out.iterdir()) == []
     with pytest.raises(polyak.posthoc.ChecksumError):
         main(["posthoc", str(broken), "--sigma-rel", "0.1", "--out", str(out), "--debug"])
+
+
+def test_posthoc_list_verify_of_a_manifest_naming_dev_zero_is_one_line(store, capsys, tmp_path):
+    """On main, --list --verify read /dev/zero for ever."""
+    import json
+    import shutil
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(store, crafted)
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["snapshots"][0]["files"]["sigma0.1"]["name"] = "/dev/zero"
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run(["posthoc", str(crafted), "--list", "--verify"], capsys)
+    assert code == 2
+    assert_one_line(err, "snapshots[0].files.sigma0.1.name '/dev/zero' is not the store's own")
 
 
 def test_posthoc_warnings_are_one_line_each(tmp_path, capsys):

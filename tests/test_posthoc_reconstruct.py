@@ -8,13 +8,14 @@ import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import polyak
 from polyak.posthoc import reader
-from posthoc_helpers import Walk, flat, small_model
+from posthoc_helpers import Walk, exact_combination, flat, fp32_bound, small_model
 
 STEPS = 2000
 EVERY = (400, 200, 100, 50)  # 5, 10, 20, 40 snapshots of sigma_rel 0.05 and 0.10
@@ -153,8 +154,14 @@ def test_reconstruct_many_reads_each_file_once_and_equals_one_at_a_time(run, mon
         read[self.file.path] = read.get(self.file.path, 0) + len(out)
         return original(self, begin, out)
 
+    finish = reader.Stream.finish
+
+    def in_order(self):
+        assert self.in_order, self.file.path  # checksummed on the way: no second pass
+        return finish(self)
+
     monkeypatch.setattr(reader.Stream, "read_into", counting)
-    monkeypatch.setattr(polyak.posthoc.store, "verify", None)  # no second pass over any file
+    monkeypatch.setattr(reader.Stream, "finish", in_order)
     many = polyak.posthoc.reconstruct_many(directory, [0.03, 0.08, 0.15], decays=[0.995])
     files = sorted(directory.glob("*.safetensors"))
     assert sorted(read) == files
@@ -163,8 +170,13 @@ def test_reconstruct_many_reads_each_file_once_and_equals_one_at_a_time(run, mon
         assert read[path] == path.stat().st_size - header  # every tensor byte, once
     monkeypatch.undo()
     one = polyak.posthoc.reconstruct(directory, sigma_rel=0.15)
-    for name in one:  # to rounding: the sums are taken in another order
-        torch.testing.assert_close(one[name], many[2][name], rtol=0, atol=1e-6)
+    exact = exact_combination(directory, one)
+    assert one.sources == many[2].sources
+    np.testing.assert_array_equal(one.coefficients, many[2].coefficients)
+    for name in exact:  # to float32 rounding: the sums are taken in another order
+        for rec in (one, many[2]):
+            error = (rec[name].double() - exact[name]).abs().max().item()
+            assert error <= fp32_bound(one, exact), (name, error)
     assert [r.label for r in many] == [
         "sigma_rel=0.03",
         "sigma_rel=0.08",
@@ -222,17 +234,24 @@ def test_update_every_and_start_step_keep_the_profile(tmp_path, kwargs):
 
 
 def test_chunks_across_tensors_and_several_passes_give_the_same_result(run, monkeypatch):
-    """Tiny chunks split and join tensors; 3 files per pass forces the multi-pass path."""
+    """Tiny chunks split and join tensors; 3 files per pass forces the multi-pass path; tiny
+    blocks split every chunk. Each result is the float64 combination of its files, to float32
+    rounding."""
     directory = run["stores"][100].directory
     expected = polyak.posthoc.reconstruct_many(directory, [0.05, 0.12], decays=[0.995])
     monkeypatch.setattr(polyak.posthoc.combine, "GROUP", 3)
+    monkeypatch.setattr(polyak.posthoc.combine, "_BLOCK_BYTES", 4 * 4 * 5)
     got = polyak.posthoc.reconstruct_many(
         directory, [0.05, 0.12], decays=[0.995], chunk_bytes=4 * 3 * 7
     )
     for a, b in zip(expected, got):
-        assert list(a) == list(b)
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+        assert list(a) == list(b) and a.sources == b.sources
+        exact = exact_combination(directory, a)
+        bound = fp32_bound(a, exact)
+        for name in exact:
+            for rec in (a, b):
+                error = (rec[name].double() - exact[name]).abs().max().item()
+                assert error <= bound, (rec.label, name, error, bound)
 
 
 def test_the_readme_example_runs(monkeypatch, tmp_path):

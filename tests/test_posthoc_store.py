@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import polyak
-from polyak.posthoc import store, writer
+from polyak.posthoc import checksum, store, writer
 from posthoc_helpers import set_weights, small_model
 
 
@@ -57,7 +57,7 @@ def _calls(targets, monkeypatch, action):
 STAGES = [
     (writer, "_save"),
     (os, "fsync"),
-    (store, "crc32_file"),
+    (checksum, "file_checksum"),
     (os, "replace"),
     (json, "dump"),
     (writer, "_remove"),
@@ -185,8 +185,8 @@ def test_a_corrupt_file_is_refused_naming_the_file_and_its_step(tmp_path):
     _same(polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.1, step=10), good)  # does not use it
     listing = polyak.posthoc.list_snapshots(tmp_path, verify=True)
     assert [bool(s["problems"]) for s in listing.snapshots] == [False, True, False]
-    path.write_bytes(bytes(data[:-100]))
-    with pytest.raises(polyak.posthoc.ChecksumError, match=r"step 20\).*truncated"):
+    path.write_bytes(bytes(data[:-100]))  # found from its size, before any file is read
+    with pytest.raises(polyak.posthoc.ChecksumError, match=r"step 20\).*bytes, the manifest says"):
         polyak.posthoc.reconstruct(tmp_path, sigma_rel=0.1)
     path.unlink()
     with pytest.raises(polyak.posthoc.ChecksumError, match=r"step 20\).*missing"):

@@ -50,6 +50,7 @@ __all__ = [
     "Outputs",
     "fsync_dir",
     "fsync_file",
+    "open_regular",
     "plain_name",
     "read_json",
     "regular_file",
@@ -242,7 +243,12 @@ def regular_file(directory: str | os.PathLike[str], name: str, *, what: str = "f
     """
     folder = Path(directory)
     path = folder / name
-    st = os.stat(path)  # follows a symlink; FileNotFoundError when missing or dangling
+    try:
+        st = os.stat(path)  # follows a symlink; FileNotFoundError when missing or dangling
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a symlink loop, a name too long, no permission
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror}); refusing it") from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{what} {path} is not a regular file; refusing to read it")
     if path.is_symlink() and folder.resolve() not in path.resolve().parents:
@@ -250,6 +256,27 @@ def regular_file(directory: str | os.PathLike[str], name: str, *, what: str = "f
             f"{what} {path} is a symlink to {path.resolve()}, outside {folder}; refusing it"
         )
     return path
+
+
+def open_regular(directory: str | os.PathLike[str], name: str, *, what: str = "file") -> IO[bytes]:
+    """Open ``directory / name`` for reading, unbuffered, if it is a regular file inside it.
+
+    :func:`regular_file` first; then the file is opened without blocking and checked again on
+    the open descriptor, so that one swapped for a fifo or a device between the check and the
+    open is refused, never waited on or read.
+
+    Raises:
+        FileNotFoundError: missing. CheckpointError: as :func:`regular_file`.
+    """
+    path = regular_file(directory, name, what=what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{what} {path} is not a regular file; refusing to read it")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_json(
@@ -279,7 +306,10 @@ def read_json(
     if st.st_size > max_bytes:
         raise CheckpointError(f"{path} is {st.st_size} bytes, more than {max_bytes}; refusing it")
     with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
+        limit = max_bytes + 1  # read what the file holds, not a buffer of max_bytes
+        data = f.read(min(st.st_size + 1, limit))
+        if len(data) > st.st_size:  # it grew since the stat
+            data += f.read(limit - len(data))
     if len(data) > max_bytes:
         raise CheckpointError(f"{path} grew past {max_bytes} bytes while read; refusing it")
     try:

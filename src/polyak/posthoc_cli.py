@@ -12,7 +12,9 @@ each target's weight profile over training time next to the profile the snapshot
 Everything that can be checked from the manifests (the store, the targets, ``--step``, the
 output directory) is checked before any snapshot file is read; a corrupt file found while
 reading is reported the same way (one line, exit status 2) and nothing is written: the outputs
-are written to temporary files and renamed into place once all are complete.
+are written to temporary files and renamed into place once all are complete
+(:class:`polyak.files.Outputs`). A failure to write them (a full disk, an output that cannot be
+replaced) is one line too, exit status 2: no output is replaced and no temporary file is left.
 
 Example:
     >>> from polyak.cli import main
@@ -23,9 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,8 +159,6 @@ def _list(directory: str, verify: bool) -> int:
 
 
 def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str]) -> int:
-    from safetensors.torch import save_file
-
     from polyak import posthoc
 
     out = Path(args.out)
@@ -168,29 +166,16 @@ def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str
         recs = posthoc.reconstruct_many(
             args.directory, args.sigma_rel, decays=args.decay, step=args.step
         )
-        run_id = posthoc.list_snapshots(args.directory).run_id
     _warn(caught + more)
-    staged: list[tuple[Path, Path]] = []
     try:
-        for rec in recs:
-            path = out / f"{rec.label}.safetensors"
-            metadata = {"format": "polyak.posthoc.reconstruction", "target": rec.label}
-            metadata.update(step=str(rec.step), fit=f"{rec.fit:.6g}", run_id=run_id)
-            metadata.update(store=str(Path(args.directory).resolve()))
-            staged.append((_tmp(path), path))
-            save_file(dict(rec), str(staged[-1][0]), metadata=metadata)
-        if args.plot:
-            staged.append((_tmp(out / PLOT), out / PLOT))
-            _plot(profiles, staged[-1][0], run_id)
-        for tmp, _ in staged:
-            _fsync(tmp)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in staged:  # every output complete: now they replace any earlier ones
-        os.replace(tmp, path)
-    print(f"store {args.directory}: run {run_id}, reconstructed at step {recs[0].step}")
+        _write(args, out, recs, profiles)
+    except OSError as e:  # a full disk, an output that cannot be replaced: the user's to fix
+        if getattr(args, "debug", False):
+            raise
+        message = f"cannot write the outputs to {out} ({e}); nothing was replaced"
+        print(f"polyak posthoc: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    print(f"store {args.directory}: run {recs[0].run_id}, reconstructed at step {recs[0].step}")
     print(f"{'target':<22} {'fit':>8} {'sum |x|':>8}  file")
     for rec in recs:
         assert rec.solution is not None
@@ -201,16 +186,23 @@ def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str
     return 0
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def _write(args: argparse.Namespace, out: Path, recs: list[Any], profiles: list[Any]) -> None:
+    """Every output staged to a temporary file, then all renamed into place together
+    (:class:`polyak.files.Outputs`): on any failure none is replaced and none is left."""
+    from safetensors.torch import save_file
 
+    from polyak.files import Outputs
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    store = str(Path(args.directory).resolve())
+    with Outputs() as staged:
+        for rec in recs:
+            metadata = {"format": "polyak.posthoc.reconstruction", "target": rec.label}
+            metadata.update(step=str(rec.step), fit=f"{rec.fit:.6g}", run_id=rec.run_id)
+            metadata.update(store=store)
+            save_file(dict(rec), str(staged.stage(out / f"{rec.label}.safetensors")), metadata)
+        if args.plot:
+            _plot(profiles, staged.stage(out / PLOT), recs[0].run_id)
+        staged.commit()
 
 
 def _plot(profiles: list[Any], path: Path, run_id: str) -> None:

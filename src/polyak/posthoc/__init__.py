@@ -22,6 +22,7 @@ Needs torch and safetensors (``pip install polyak[torch]``).
 """
 
 from polyak.posthoc.ema import PostHocEMA
+from polyak.posthoc.errors import ChecksumError, ForeignRunError, StoreError
 from polyak.posthoc.overview import Listing, WeightProfile, list_snapshots, weight_profiles
 from polyak.posthoc.profiles import Solution, Target, solve
 from polyak.posthoc.reconstruct import (
@@ -30,7 +31,6 @@ from polyak.posthoc.reconstruct import (
     reconstruct_many,
     window_average,
 )
-from polyak.posthoc.store import ChecksumError, ForeignRunError, StoreError
 from polyak.posthoc.writer import Retention, SnapshotWriteError
 
 __all__ = [

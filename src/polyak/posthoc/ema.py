@@ -14,7 +14,9 @@ from torch import nn
 import polyak
 from polyak import schedules
 from polyak._horizon import SIGMA_REL_MAX, integer, real_in
+from polyak.errors import CheckpointError
 from polyak.posthoc import store
+from polyak.posthoc.manifest import RUN_ID
 from polyak.posthoc.writer import Retention, SnapshotWriteError, SnapshotWriter
 
 __all__ = ["PostHocEMA"]
@@ -208,16 +210,19 @@ class PostHocEMA:
             return None
         shards = state.get("shards", {})
         first = next(iter(self._averages.values()))[0]
+        stored = _dtype_name(self.snapshot_dtype)
         tensors = {
-            name: {"shape": list(t.shape), "kind": "average", "shard": shards.get(name)}
+            name: {"shape": list(t.shape), "kind": "average", "dtype": stored,
+                   "shard": shards.get(name)}
             for name, t in state["averages"][first].items()
-        }
+        }  # fmt: skip
         tensors.update(
             {
-                name: {"shape": list(t.shape), "kind": "copied", "shard": shards.get(name)}
+                name: {"shape": list(t.shape), "kind": "copied", "dtype": _dtype_name(t.dtype),
+                       "shard": shards.get(name)}
                 for name, t in state["copied"].items()
             }
-        )
+        )  # fmt: skip
         header = {
             "run_id": self.run_id,
             "rank": rank if sharded else 0,
@@ -298,8 +303,17 @@ class PostHocEMA:
                     f"{field}={ours!r}; construct it with the run's settings"
                 )
         run_id = state.get("run_id")
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"the state's run_id must be a non-empty string, got {run_id!r}")
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise CheckpointError(
+                f"the state's run_id must be 16 hexadecimal digits (a PostHocEMA's own), got "
+                f"{run_id!r}: it names the store's files, so no other value is accepted; load "
+                "the state this PostHocEMA saved"
+            )
+        last = state.get("last_snapshot")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise CheckpointError(
+                f"the state's last_snapshot must be a step (an integer >= 0) or None, got {last!r}"
+            )
         if state.get("snapshot_every") != self.snapshot_every:
             warnings.warn(
                 f"snapshot_every was {state.get('snapshot_every')} when saved, keeping "
@@ -311,7 +325,7 @@ class PostHocEMA:
         self.ema.load_state_dict(state["ema"])
         self.run_id = run_id
         self._writer = None  # the next snapshot opens the run's own store
-        self._last_snapshot = state.get("last_snapshot")
+        self._last_snapshot = last
 
     def _settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the state it loads."""

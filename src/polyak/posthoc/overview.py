@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from polyak._horizon import integer
-from polyak.posthoc import store
+from polyak.posthoc import reader
+from polyak.posthoc.plan import solutions_for, targets_from
 from polyak.posthoc.profiles import Solution, profile_masses, target_masses
-from polyak.posthoc.reconstruct import solutions_for, targets_from
-from polyak.posthoc.store import open_store
+from polyak.posthoc.reading import check_files, read_consistent
+from polyak.posthoc.store import StoreError, open_store, unlisted_files
 
 __all__ = ["Listing", "WeightProfile", "list_snapshots", "weight_profiles"]
 
@@ -73,8 +74,9 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
 
     Args:
         directory: the store.
-        verify: also check every file's size and CRC-32 (reads all of them); failures are
-            reported in the listing, not raised.
+        verify: also check every file: a regular file in the store, of the recorded size,
+            holding the manifest's tensors, of the recorded checksum (reads all of them);
+            failures are reported in the listing, not raised.
 
     Example:
         >>> import tempfile, torch, polyak
@@ -91,6 +93,7 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
     first = ranks[0].manifest
     rows: dict[int, dict[str, Any]] = {}
     for r in ranks:
+        layout = reader.layout_of(r.manifest)
         for snap in r.manifest["snapshots"]:
             row = rows.setdefault(
                 snap["step"],
@@ -98,15 +101,15 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
             )
             row.update(verified=verify, problems=row.get("problems", []))
             row["ranks"].append(r.rank)
-            for f in store.snapshot_files(path, r.manifest, snap).values():
+            for f in r.files(snap).values():
                 row["files"] += 1
                 row["bytes"] += f.size
                 if verify:
                     try:
-                        store.verify(f)
-                    except store.ChecksumError as e:
+                        with check_files([f]) as pins:
+                            reader.verify(f, layout, pins)
+                    except StoreError as e:
                         row["problems"].append(str(e))
-    found = store.find_manifests(path)
     return Listing(
         directory=path,
         run_id=first["run_id"],
@@ -116,7 +119,7 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
         averages=first["averages"],
         live=bool(first.get("live")),
         snapshots=[rows[s] for s in sorted(rows)],
-        ignored=store.unlisted_files(path, found),
+        ignored=unlisted_files(path, ranks),
     )
 
 
@@ -172,8 +175,9 @@ def weight_profiles(
     """
     bins = integer("bins", bins, 1)
     targets = targets_from(sigma_rels, gammas, decays)
-    path, ranks = open_store(directory, None, warn=False)
-    at, _, solutions = solutions_for(path, ranks[0].manifest, step, targets)
+    at, _, solutions = read_consistent(
+        directory, None, lambda path, ranks: solutions_for(ranks[0], step, targets), warn=False
+    )
     out = []
     for s in solutions:
         edges = np.linspace(0.0, s.t, bins + 1)

@@ -10,7 +10,6 @@ process (``rank=None``, no ``torch.distributed`` needed).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,27 @@ import numpy as np
 import torch
 
 from polyak._horizon import integer
-from polyak.posthoc import store
 from polyak.posthoc.combine import combine
-from polyak.posthoc.profiles import Solution, Target, solve
-from polyak.posthoc.store import RankStore, open_store
+from polyak.posthoc.manifest import LIVE
+from polyak.posthoc.plan import plan_for, solutions, sources, targets_from, until
+from polyak.posthoc.profiles import Solution, Target
+from polyak.posthoc.ranks import assemble, common_snapshots
+from polyak.posthoc.reader import layout_of
+from polyak.posthoc.reading import check_files, read_consistent
+from polyak.posthoc.store import RankStore, SnapshotFile
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
-
-_ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
 
 
 class Reconstruction(dict):
     """``{tensor name: tensor}`` of a reconstructed average, and how it was obtained.
 
-    Load it with ``model.load_state_dict(rec, strict=False)`` (names are canonical: no
-    ``module.`` prefixes) or save it with ``safetensors.torch.save_file(rec, path)``. Averaged
-    tensors are float32 (``dtype``); copied tensors (integer buffers, ``buffers="copy"``) come
-    from the latest snapshot used.
+    It holds every tensor the store's manifest lists (a snapshot file lacking one is a
+    :class:`~polyak.posthoc.StoreError`, never a shorter result), under canonical names (no
+    ``module.`` prefixes): load it with ``model.load_state_dict(rec)``, with ``strict=False``
+    only when the EMA tracked a subset of the model (``include``/``exclude``), or save it with
+    ``safetensors.torch.save_file(rec, path)``. Averaged tensors are float32 (``dtype``); copied
+    tensors (integer buffers, ``buffers="copy"``) come from the latest snapshot used.
 
     Attributes:
         label: ``"sigma_rel=0.08"``, ``"decay=0.9995"`` or ``"window=4"``.
@@ -45,6 +48,7 @@ class Reconstruction(dict):
         sources: ``(step, average key)`` of each snapshot file combined, in coefficient order.
         coefficients: the weight of each source (they sum to 1).
         rank: the rank whose shards these are (``None``: full tensors).
+        run_id: the run that wrote the store.
         shards: for a rank's shards, ``{name: {"global_shape", "offset", "local_shape"}}``.
     """
 
@@ -54,6 +58,7 @@ class Reconstruction(dict):
     sources: list[tuple[int, str]]
     coefficients: np.ndarray
     rank: int | None
+    run_id: str
     shards: dict[str, Any] | None
 
     @property
@@ -62,104 +67,19 @@ class Reconstruction(dict):
         return None if self.solution is None else self.solution.fit
 
 
-def _until(manifest: dict[str, Any], step: int | None) -> tuple[int, int, list[dict[str, Any]]]:
-    """``(step, t, snapshots)``: the step asked for, its time, and the snapshots up to it."""
-    snaps = manifest["snapshots"]
-    if not snaps:
-        raise store.StoreError("the store holds no snapshots yet")
-    if step is None:
-        last = snaps[-1]
-        return last["step"], last["t"], snaps
-    step = integer("step", step, 1)
-    used = [s for s in snaps if s["step"] <= step]
-    if not used:
-        raise ValueError(f"no snapshot at or before step {step} (the first is {snaps[0]['step']})")
-    exact = [s["t"] for s in used if s["step"] == step]
-    return step, exact[0] if exact else step - manifest["start_step"], used
-
-
-def _sources(
-    directory: Path, manifest: dict[str, Any], snaps: list[dict[str, Any]], keys: Sequence[str]
-) -> tuple[list[store.SnapshotFile], list[dict[str, Any]]]:
-    files, used = [], []
-    for s in snaps:
-        entries = store.snapshot_files(directory, manifest, s)
-        for key in keys:
-            if key in entries:
-                files.append(entries[key])
-                used.append(s)
-    return files, used
-
-
-def solutions_for(
-    path: Path, manifest: dict[str, Any], step: int | None, targets: Sequence[Target]
-) -> tuple[int, list[store.SnapshotFile], list[Solution]]:
-    """The step, the snapshot files and one solution per target, from one rank's manifest."""
-    at, t, snaps = _until(manifest, step)
-    keys = sorted(manifest["averages"])
-    files, used = _sources(path, manifest, [s for s in snaps if s["t"] > 0], keys)
-    if not files:
-        raise ValueError(f"{path}: no snapshot of an average at or before step {at}")
-    ts = [s["t"] for s in used]
-    gammas = [manifest["averages"][f.key]["gamma"] for f in files]
-    solutions = [solve(ts, gammas, t, target) for target in targets]
-    rounding = _ROUNDING.get(manifest["snapshot_dtype"])
-    for s in solutions:
-        if rounding and s.amplification > 10:
-            warnings.warn(
-                f"{s.target.label}: the snapshots' coefficients add up to {s.amplification:.0f} "
-                f"in absolute value, which magnifies their {manifest['snapshot_dtype']} rounding "
-                f"(up to {rounding:.0e} of each weight) to up to {rounding * s.amplification:.0e}; "
-                "targets narrower than the narrowest stored average need float32 snapshots or "
-                "a narrower average (sigma_rels=...)",
-                UserWarning,
-                stacklevel=3,
-            )
-    return at, files, solutions
-
-
-def targets_from(
-    sigma_rels: Sequence[float], gammas: Sequence[float], decays: Sequence[float]
-) -> list[Target]:
-    """The targets in the order the results come in: sigma_rels, gammas, decays."""
-    targets = [Target.make(s) for s in sigma_rels]
-    targets += [Target.make(gamma=g) for g in gammas]
-    targets += [Target.make(decay=d) for d in decays]
-    if not targets:
-        raise ValueError("give at least one target: sigma_rels, gammas or decays")
-    return targets
-
-
 def _averaged(manifest: dict[str, Any]) -> set[str]:
     return {n for n, info in manifest["tensors"].items() if info["kind"] == "average"}
 
 
-def _assemble(parts: list[list[Reconstruction]], ranks: list[RankStore]) -> list[Reconstruction]:
-    """Full tensors from every rank's shards (copied into place, rank by rank)."""
-    for r, part in zip(ranks[1:], parts[1:]):
-        if part[0].sources != parts[0][0].sources:
-            raise store.StoreError(
-                f"rank {r.rank} holds snapshots {sorted({s for s, _ in part[0].sources})}, rank "
-                f"0 holds {sorted({s for s, _ in parts[0][0].sources})}: a rank's write failed"
-            )
-    tables = [r.manifest["tensors"] for r in ranks]
+def _gathered(parts: list[list[Reconstruction]], ranks: list[RankStore]) -> list[Reconstruction]:
+    """One result per target: the rank's own, or full tensors gathered from every rank."""
+    if len(parts) == 1:
+        return parts[0]
     out = []
-    for k, first in enumerate(parts[0]):
-        full = Reconstruction()
-        full.__dict__.update(first.__dict__, rank=None, shards=None)
-        for name, info in tables[0].items():
-            if info.get("shard") is None:
-                full[name] = first[name]
-                continue
-            shape = info["shard"]["global_shape"]
-            full[name] = torch.empty(shape, dtype=first[name].dtype)
-            for table, part in zip(tables, parts):
-                view = full[name]
-                shard = table[name]["shard"]
-                for dim, (lo, size) in enumerate(zip(shard["offset"], shard["local_shape"])):
-                    view = view.narrow(dim, lo, size)
-                view.copy_(part[k][name])
-        out.append(full)
+    for first, full in zip(parts[0], assemble(parts, ranks)):
+        rec = Reconstruction(full)
+        rec.__dict__.update(first.__dict__, rank=None, shards=None)
+        out.append(rec)
     return out
 
 
@@ -218,21 +138,33 @@ def reconstruct_many(
         CVPR 2024, Sec. 3.2.
     """
     targets = targets_from(sigma_rels, gammas, decays)
+    _check_dtype(dtype)
+
+    def read(path: Path, ranks: list[RankStore]) -> list[Reconstruction]:
+        plans = [plan_for(r, step) for r in common_snapshots(ranks)]
+        parts = []
+        with check_files(f for p in plans for f in p.files) as pins:  # all open from now on
+            for p in plans:
+                solved = solutions(p, targets)
+                weights = np.stack([s.coefficients for s in solved])
+                tensors = combine(
+                    p.files, weights, _averaged(p.rank.manifest), len(p.files) - 1,
+                    layout_of(p.rank.manifest), dtype, chunk_bytes, pins,
+                )  # fmt: skip
+                parts.append(
+                    [
+                        _wrap(o, s.target.label, p.step, s, p.files, s.coefficients, p.rank)
+                        for o, s in zip(tensors, solved)
+                    ]
+                )
+        return _gathered(parts, [p.rank for p in plans])
+
+    return read_consistent(directory, rank, read)
+
+
+def _check_dtype(dtype: object) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    path, ranks = open_store(directory, rank)
-    parts = []
-    for r in ranks:
-        at, files, solutions = solutions_for(path, r.manifest, step, targets)
-        weights = np.stack([s.coefficients for s in solutions])
-        tensors = combine(files, weights, _averaged(r.manifest), len(files) - 1, dtype, chunk_bytes)
-        parts.append(
-            [
-                _wrap(o, s.target.label, at, s, files, s.coefficients, r)
-                for o, s in zip(tensors, solutions)
-            ]
-        )
-    return parts[0] if len(parts) == 1 else _assemble(parts, ranks)
 
 
 def _wrap(
@@ -240,7 +172,7 @@ def _wrap(
     label: str,
     step: int,
     solution: Solution | None,
-    files: list[store.SnapshotFile],
+    files: list[SnapshotFile],
     coefficients: np.ndarray,
     r: RankStore,
 ) -> Reconstruction:
@@ -253,6 +185,7 @@ def _wrap(
         sources=[(f.step, f.key) for f in files],
         coefficients=coefficients,
         rank=r.rank,
+        run_id=r.manifest["run_id"],
         shards=shards or None,
     )
     return out
@@ -322,18 +255,29 @@ def window_average(
         ('window=5', [60, 70, 80, 90, 100])
     """
     k = integer("k", k, 1)
-    path, ranks = open_store(directory, rank)
-    parts = []
-    for r in ranks:
-        at, _, snaps = _until(r.manifest, step)
-        files, _ = _sources(path, r.manifest, snaps, ["live"])
-        if len(files) < k:
-            raise ValueError(
-                f"{path}: window of k={k} live snapshots at step {at}, but the store has "
-                f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
-            )
-        files = files[-k:]
+    _check_dtype(dtype)
+
+    def read(path: Path, ranks: list[RankStore]) -> Reconstruction:
+        ranks = common_snapshots(ranks)
+        plans = []
+        for r in ranks:
+            at, _, snaps = until(r, step)
+            files, _ = sources(r, snaps, [LIVE])
+            if len(files) < k:
+                raise ValueError(
+                    f"{path}: window of k={k} live snapshots at step {at}, but the store has "
+                    f"{len(files)} (keep them with PostHocEMA(..., keep_live=True))"
+                )
+            plans.append((at, files[-k:]))
+        parts = []
         weights = np.full((1, k), 1.0 / k)
-        (tensors,) = combine(files, weights, _averaged(r.manifest), k - 1, dtype)
-        parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
-    return (parts[0] if len(parts) == 1 else _assemble(parts, ranks))[0]
+        with check_files(f for _, files in plans for f in files) as pins:
+            for r, (at, files) in zip(ranks, plans):
+                (tensors,) = combine(
+                    files, weights, _averaged(r.manifest), k - 1, layout_of(r.manifest), dtype,
+                    pins=pins,
+                )  # fmt: skip
+                parts.append([_wrap(tensors, f"window={k}", at, None, files, weights[0], r)])
+        return _gathered(parts, ranks)[0]
+
+    return read_consistent(directory, rank, read)

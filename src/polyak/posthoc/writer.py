@@ -1,11 +1,20 @@
 """Writing snapshots into a store, atomically and in a background thread.
 
 The training thread hands over host copies of the averages (:meth:`SnapshotWriter.submit`) and
-goes on; a thread writes one safetensors file per average (temporary file, fsync, CRC-32,
+goes on; a thread writes one safetensors file per average (temporary file, fsync, checksum,
 rename, fsync of the directory) and then publishes a new manifest the same way. A crash or an
 error at any stage leaves the previous manifest in force, so readers see exactly the snapshots
 completed before it; the error is raised, as :class:`SnapshotWriteError`, by the next
 :meth:`~SnapshotWriter.submit`, :meth:`~SnapshotWriter.wait` or :meth:`~SnapshotWriter.close`.
+
+The writer deletes files only after a new manifest that no longer lists them is in place
+(snapshots thinned by :class:`Retention`, snapshots replaced by a resumed run, a crash's
+leftovers), and only files it wrote itself: each name is checked again at deletion time to be
+of this run's and this rank's own pattern, and the path a regular file (not a symlink) in the
+store. The manifest it appends to is read through the same checks as any reader's
+(:func:`polyak.posthoc.store.read_manifest`). Readers that have the dropped files open keep
+reading them; those that meet a deleted one re-read the manifest
+(:func:`polyak.posthoc.reading.read_consistent`).
 """
 
 from __future__ import annotations
@@ -13,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
+import stat
 import threading
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,9 +33,11 @@ from typing import Any
 
 import torch
 
+from polyak import files
 from polyak._horizon import integer
 from polyak.errors import NonFiniteError
-from polyak.posthoc import store
+from polyak.posthoc import checksum, store
+from polyak.posthoc.manifest import FORMAT, LIVE, SUFFIX, VERSION, file_name, manifest_name
 
 __all__ = ["Retention", "SnapshotWriteError", "SnapshotWriter"]
 
@@ -66,22 +78,31 @@ def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, s
     save_file(dict(tensors), str(path), metadata=metadata)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
-    store.fsync_dir(final.parent)
+    files.fsync_dir(final.parent)
 
 
-def _remove(paths: list[Path]) -> None:
+def _remove(paths: list[Path], own: re.Pattern[str]) -> None:
+    """Delete ``paths``, each checked now to be the writer's own: a name of ``own`` and a
+    regular file (``lstat``: a symlink is not followed, nor deleted)."""
     for p in paths:
+        if not own.fullmatch(p.name):
+            raise store.StoreError(f"refusing to delete {p}: not a file of this run's store")
+        try:
+            mode = os.lstat(p).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise store.StoreError(f"refusing to delete {p}: not a regular file")
         p.unlink(missing_ok=True)
+
+
+_SETTINGS = ("world_size", "sharded", "snapshot_dtype", "start_step", "live", "averages", "tensors")
+
+
+def _names(manifest: dict[str, Any]) -> set[str]:
+    return {e["name"] for s in manifest["snapshots"] for e in s["files"].values()}
 
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], key: str, step: int) -> None:
@@ -121,7 +142,14 @@ class SnapshotWriter:
         self.directory = directory
         self.header = header
         self.rank: int | None = header["rank"] if header["sharded"] else None
-        self.path = directory / store.manifest_name(self.rank)
+        self.path = directory / manifest_name(self.rank)
+        keys = "|".join(re.escape(k) for k in [*header["averages"], LIVE])
+        rank_part = "" if self.rank is None else f"-rank{self.rank}"
+        name = (
+            rf"[0-9]{{10,}}-(?:{keys})-{re.escape(header['run_id'])}{rank_part}{re.escape(SUFFIX)}"
+        )
+        # this run's and this rank's snapshot files, and their temporary files
+        self._own = re.compile(rf"{name}|\.{name}\.[0-9a-f]{{8}}\.tmp")
         self.snapshot_every = snapshot_every
         self.retention = retention
         self._manifest: dict[str, Any] | None = None
@@ -189,41 +217,31 @@ class SnapshotWriter:
                 )
         if self.path not in found.values():
             self._remove_own_leftovers(set())
-            return {
-                "format": store.FORMAT,
-                "version": store.VERSION,
-                **self.header,
-                "snapshots": [],
-            }
+            return {"format": FORMAT, "version": VERSION, **self.header, "snapshots": []}
         manifest = store.read_manifest(self.path)
-        for key in (
-            "world_size",
-            "sharded",
-            "snapshot_dtype",
-            "start_step",
-            "live",
-            "averages",
-            "tensors",
-        ):
-            if manifest.get(key) != self.header[key]:
+        v1 = manifest["version"] == 1  # no dtypes of tensors: compared without them
+        for key in ("rank", *_SETTINGS):
+            ours = self.header[key]
+            if key == "tensors" and v1:
+                ours = {n: {k: v for k, v in i.items() if k != "dtype"} for n, i in ours.items()}
+            if manifest.get(key, False) != ours:
                 raise store.StoreError(
                     f"{self.path}: this run's {key} is {self.header[key]!r} but its store was "
                     f"written with {manifest.get(key)!r}; keep the settings of the run or use a "
                     "new directory"
                 )
-        self._remove_own_leftovers(set(store.listed_names(manifest)))
+        manifest.update(version=VERSION, live=self.header["live"], tensors=self.header["tensors"])
+        self._remove_own_leftovers(_names(manifest))
         return manifest
 
     def _remove_own_leftovers(self, listed: set[str]) -> None:
         """Delete files this run (and rank) wrote but never listed: a crash's leftovers."""
-        rank_part = "" if self.rank is None else f"-rank{self.rank}"
-        mine = f"-{self.header['run_id']}{rank_part}{store.SUFFIX}"
-        for p in self.directory.iterdir():
-            name = p.name
-            if name.startswith(".") and name.endswith(".tmp"):
-                name = name[1:].rsplit(".", 2)[0]
-            if name.endswith(mine) and p.name not in listed:
-                p.unlink(missing_ok=True)
+        leftovers = [
+            p
+            for p in self.directory.iterdir()
+            if p.name not in listed and self._own.fullmatch(p.name)
+        ]
+        _remove(leftovers, self._own)
 
     # ------------------------------------------------------------------ writer thread
     def _run(self, step: int, t: int, payload: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -235,10 +253,10 @@ class SnapshotWriter:
     def _commit(self, manifest: dict[str, Any]) -> None:
         """Publish ``manifest``, then delete the files the old one listed and it does not."""
         assert self._manifest is not None
-        dropped = set(store.listed_names(self._manifest)) - set(store.listed_names(manifest))
-        store.write_json_atomic(self.path, manifest)
+        dropped = _names(self._manifest) - _names(manifest)
+        files.write_json_atomic(self.path, manifest)
         self._manifest = manifest
-        _remove([self.directory / n for n in sorted(dropped)])
+        _remove([self.directory / n for n in sorted(dropped)], self._own)
 
     def _write(self, step: int, t: int, payload: dict[str, dict[str, torch.Tensor]]) -> None:
         assert self._manifest is not None
@@ -246,25 +264,26 @@ class SnapshotWriter:
             kept = copy.deepcopy(self._manifest)
             kept["snapshots"] = [s for s in kept["snapshots"] if s["step"] < step]
             self._commit(kept)  # first drop them, so that no listed file is ever overwritten
-        files: dict[str, dict[str, Any]] = {}
+        written: dict[str, dict[str, Any]] = {}
         published: list[Path] = []
         tmp: Path | None = None
         try:
             for key, tensors in payload.items():
                 _check_finite(tensors, key, step)
-                name = store.file_name(step, key, self.header["run_id"], self.rank)
-                tmp = self.directory / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-                metadata = {"format": store.FORMAT, "run_id": self.header["run_id"]}
+                name = file_name(step, key, self.header["run_id"], self.rank)
+                tmp = files.temp_path(self.directory / name)
+                metadata = {"format": FORMAT, "run_id": self.header["run_id"]}
                 metadata.update(step=str(step), t=str(t), average=key)
                 _save(tensors, tmp, metadata)
-                _fsync_file(tmp)
-                crc, size = store.crc32_file(tmp)
+                files.fsync_file(tmp)
+                algorithm = checksum.preferred()
+                value, size = checksum.file_checksum(tmp, algorithm)
                 published.append(self.directory / name)  # before: the rename may be done
                 _publish(tmp, self.directory / name)
                 tmp = None
-                files[key] = {"name": name, "bytes": size, "crc32": f"{crc:08x}"}
+                written[key] = {"name": name, "bytes": size, algorithm: f"{value:08x}"}
             manifest = copy.deepcopy(self._manifest)
-            manifest["snapshots"].append({"step": step, "t": t, "files": files})
+            manifest["snapshots"].append({"step": step, "t": t, "files": written})
             if self.retention is not None:
                 doomed = set(
                     self.retention.victims(
@@ -281,7 +300,7 @@ class SnapshotWriter:
             self._resync()
             assert self._manifest is not None
             if not any(s["step"] == step for s in self._manifest["snapshots"]):
-                _remove(published)  # published but never listed: not part of the store
+                _remove(published, self._own)  # published but never listed: not in the store
             raise
 
     def _resync(self) -> None:

@@ -82,7 +82,8 @@ class TensorLayout:
         dtype: the stored copy's dtype (the average's, float32 by default).
         global_shape: the full tensor's shape (``shape`` when not sharded).
         offset: where this rank's shard starts in the full tensor (zeros when not sharded).
-        sharded: this rank holds a shard, not the whole tensor.
+        sharded: the tensor is sharded across ranks (FSDP2): this rank holds the slice at
+            ``offset`` (possibly all of it, or none).
     """
 
     kind: Literal["average", "copied"]
@@ -90,7 +91,4 @@ class TensorLayout:
     dtype: torch.dtype
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
-
-    @property
-    def sharded(self) -> bool:
-        return self.shape != self.global_shape or any(self.offset)
+    sharded: bool = False

@@ -570,6 +570,7 @@ class EMA(TimelineViews):
                 view.dtype,
                 info.global_shape if info else shape,
                 info.offset if info else (0,) * len(shape),
+                info is not None,
             )
         return out
 

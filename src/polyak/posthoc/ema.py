@@ -6,18 +6,22 @@ import importlib.util
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-import polyak
 from polyak import schedules
 from polyak._horizon import SIGMA_REL_MAX, integer, real_in
+from polyak._torch.ema import EMA
 from polyak.errors import CheckpointError
 from polyak.posthoc import store
 from polyak.posthoc.manifest import RUN_ID
 from polyak.posthoc.writer import Retention, SnapshotWriteError, SnapshotWriter
+from polyak.types import EMAOptions, TensorLayout
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PostHocEMA"]
 
@@ -108,7 +112,7 @@ class PostHocEMA:
         snapshot_dtype: torch.dtype = torch.float16,
         keep_live: bool = False,
         retention: Retention | None = None,
-        **ema_kwargs: Any,
+        **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         if importlib.util.find_spec("safetensors") is None:
             raise ImportError(
@@ -144,7 +148,7 @@ class PostHocEMA:
         self._averages = {
             key: (p.name, s, schedules.sigma_rel_to_gamma(s)) for key, (s, p) in power.items()
         }
-        self.ema = polyak.EMA(model, {p.name: p for _, p in power.values()}, **ema_kwargs)
+        self.ema = EMA(model, {p.name: p for _, p in power.values()}, **ema_kwargs)
         self.sigma_rels = tuple(rels)
         self.run_id = _shared_run_id()
         self._writer: SnapshotWriter | None = None
@@ -172,8 +176,8 @@ class PostHocEMA:
         step = self.ema.step
         if step == self._last_snapshot:
             return step
-        state = self.ema.state_dict()
-        writer = self._writer or self._make_writer(state)
+        layout = self.ema.layout()
+        writer = self._writer or self._make_writer(layout)
         if writer is None:  # a DDP rank other than 0: rank 0 writes the replicated averages
             self._last_snapshot = step
             return step
@@ -182,8 +186,9 @@ class PostHocEMA:
             writer.wait()  # the staging buffers are free again
         except SnapshotWriteError as e:
             failed = e
-        payload = self._stage(state)
-        writer.submit(step, self.ema.last_update_step - self.ema.start_step, payload)
+        payload = self._stage(layout)
+        timeline = self.ema.timeline
+        writer.submit(step, timeline.last_update_step - timeline.start_step, payload)
         self._last_snapshot = step
         if failed is not None:
             raise failed
@@ -202,34 +207,29 @@ class PostHocEMA:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _make_writer(self, state: dict[str, Any]) -> SnapshotWriter | None:
+    def _make_writer(self, layout: dict[str, TensorLayout]) -> SnapshotWriter | None:
         rank, world = _distributed()
-        sharded = "shards" in state
+        sharded = any(t.sharded for t in layout.values())
         if not self._writes or (world > 1 and not sharded and rank != 0):
             self._writes = False
             return None
-        shards = state.get("shards", {})
-        first = next(iter(self._averages.values()))[0]
         stored = _dtype_name(self.snapshot_dtype)
         tensors = {
-            name: {"shape": list(t.shape), "kind": "average", "dtype": stored,
-                   "shard": shards.get(name)}
-            for name, t in state["averages"][first].items()
-        }  # fmt: skip
-        tensors.update(
-            {
-                name: {"shape": list(t.shape), "kind": "copied", "dtype": _dtype_name(t.dtype),
-                       "shard": shards.get(name)}
-                for name, t in state["copied"].items()
+            name: {
+                "shape": list(t.shape),
+                "kind": t.kind,
+                "dtype": stored if t.kind == "average" else _dtype_name(t.dtype),
+                "shard": _shard(t) if t.sharded else None,
             }
-        )  # fmt: skip
+            for name, t in layout.items()
+        }
         header = {
             "run_id": self.run_id,
             "rank": rank if sharded else 0,
             "world_size": world if sharded else 1,
             "sharded": sharded,
             "snapshot_dtype": _dtype_name(self.snapshot_dtype),
-            "start_step": self.ema.start_step,
+            "start_step": self.ema.timeline.start_step,
             "live": self.keep_live,
             "averages": {
                 key: {"sigma_rel": rel, "gamma": gamma, "name": name}
@@ -240,15 +240,21 @@ class PostHocEMA:
         self._writer = SnapshotWriter(self.directory, header, self.snapshot_every, self.retention)
         return self._writer
 
-    def _stage(self, state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    def _stage(self, layout: dict[str, TensorLayout]) -> dict[str, dict[str, torch.Tensor]]:
         """Host copies of every file's tensors, in buffers reused across snapshots: each
         average (in ``snapshot_dtype``) with the copied tensors, and, with ``keep_live``, the
-        model's tensors read now (this rank's shards under FSDP2), copied ones included."""
-        copied = state["copied"]
-        sources = {key: state["averages"][name] for key, (name, _, _) in self._averages.items()}
+        model's tensors read now (this rank's shards under FSDP2), copied ones included. Reads
+        the averages' own views (no state dict, no check: the writer checks the host copies,
+        once, off the training thread)."""
+        copied_names = [n for n, t in layout.items() if t.kind == "copied"]
+        sources: dict[str, dict[str, torch.Tensor]] = {}
+        for key, (name, _, _) in self._averages.items():
+            views = self.ema.averaged_tensors(name)
+            sources[key] = {n: v for n, v in views.items() if layout[n].kind == "average"}
+        copied = {n: views[n] for n in copied_names}
         if self.keep_live:
             live = self.ema.live_tensors()
-            sources[LIVE] = {n: live[n] for n in [*next(iter(sources.values())), *copied]}
+            sources[LIVE] = {n: live[n] for n in layout}
         sources["copied"] = copied
         pin = torch.cuda.is_available()
         if self._staging is None:
@@ -340,6 +346,15 @@ class PostHocEMA:
             f"PostHocEMA(sigma_rels={self.sigma_rels}, directory={str(self.directory)!r}, "
             f"snapshot_every={self.snapshot_every}, step={self.ema.step}, run_id={self.run_id!r})"
         )
+
+
+def _shard(t: TensorLayout) -> dict[str, list[int]]:
+    """The manifest's record of where a shard sits in its full tensor."""
+    return {
+        "global_shape": list(t.global_shape),
+        "offset": list(t.offset),
+        "local_shape": list(t.shape),
+    }
 
 
 def _get(state: object, key: str) -> object:

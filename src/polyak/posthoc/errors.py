@@ -7,9 +7,12 @@ treated as untrusted, and each message names the file and the field or tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from polyak.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from polyak.posthoc.store import SnapshotFile
 
 __all__ = ["ChecksumError", "ForeignRunError", "StoreError"]
 
@@ -24,7 +27,7 @@ class StoreError(CheckpointError):
     deleted from a damaged one).
     """
 
-    def __init__(self, message: str, *, file: Any = None) -> None:
+    def __init__(self, message: str, *, file: SnapshotFile | None = None) -> None:
         super().__init__(message)
         self.file = file
 
@@ -41,7 +44,7 @@ class ChecksumError(StoreError):
         step: the step of its snapshot.
     """
 
-    def __init__(self, path: Path, step: int, detail: str, *, file: Any = None) -> None:
+    def __init__(self, path: Path, step: int, detail: str, *, file: SnapshotFile | None = None) -> None:
         self.path, self.step = path, step
         super().__init__(
             f"snapshot file {path} (step {step}) is corrupt: {detail}. Restore the file, or "

@@ -12,7 +12,7 @@ from pathlib import Path
 import polyak
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TOOLS = ("polyak.cli", "polyak.__main__", "polyak.posthoc_cli")
+TOOLS = ("polyak.cli", "polyak.__main__")
 
 
 def _modules() -> dict[str, Path]:

@@ -2,7 +2,7 @@
 and ``polyak posthoc``.
 
 Thin shells over :func:`polyak.cli.study.run.run_study`, :func:`polyak.cli.bench.run_bench`
-(every flag is a field of their config dataclass) and :mod:`polyak.posthoc_cli`. A mistake of
+(every flag is a field of their config dataclass) and :mod:`polyak.cli.posthoc`. A mistake of
 the user (a bad value, an unknown name, a missing or corrupt data directory or store, an output
 directory that cannot be written, a missing optional dependency) is one line on stderr and exit
 status 2,
@@ -43,8 +43,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     from polyak.cli.bench.config import add_arguments as bench_arguments
+    from polyak.cli.posthoc import add_arguments as posthoc_arguments
     from polyak.cli.study.config import add_arguments as study_arguments
-    from polyak.posthoc_cli import add_arguments as posthoc_arguments
 
     debug = _Parser(add_help=False)
     debug.add_argument(
@@ -110,7 +110,7 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
     """Validate everything the command needs (config, data, output directory) and return the
     run itself; raises ``ValueError`` (data errors included) or ``ImportError``."""
     if args.command == "posthoc":
-        from polyak.posthoc_cli import prepare
+        from polyak.cli.posthoc import prepare
 
         return prepare(args)
     if args.command == "study":

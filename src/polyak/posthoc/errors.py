@@ -44,7 +44,9 @@ class ChecksumError(StoreError):
         step: the step of its snapshot.
     """
 
-    def __init__(self, path: Path, step: int, detail: str, *, file: SnapshotFile | None = None) -> None:
+    def __init__(
+        self, path: Path, step: int, detail: str, *, file: SnapshotFile | None = None
+    ) -> None:
         self.path, self.step = path, step
         super().__init__(
             f"snapshot file {path} (step {step}) is corrupt: {detail}. Restore the file, or "

@@ -189,27 +189,6 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def summary(result: dict) -> dict:
-    """Medians per cache state: times, GB/s, ratio to reading, memory against the budget."""
-    size = result["store"]["bytes"]
-    out = {}
-    for cache in ("cold", "hot"):
-        rows = [r for r in result["reads"] if r["cache"] == cache]
-        read = statistics.median(r["read_s"] for r in rows)
-        rec = statistics.median(r["seconds"] for r in rows)
-        out[cache] = {
-            "read_s": read,
-            "read_gb_s": size / read / 1e9,
-            "reconstruct_s": rec,
-            "reconstruct_gb_s": size / rec / 1e9,
-            "ratio": statistics.median(r["seconds"] / r["read_s"] for r in rows),
-            "read_cpu_s": statistics.median(r["read_cpu_s"] for r in rows),
-            "reconstruct_cpu_s": statistics.median(r["cpu_s"] for r in rows),
-            "extra_bytes": max(r["extra_bytes"] for r in rows),
-        }
-    return out
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10M parameters, 10 snapshots")
@@ -229,4 +208,4 @@ if __name__ == "__main__":
     args.repeats = args.repeats or (1 if args.quick else 2)
     import posthoc_report
 
-    posthoc_report.write(run(args), summary)
+    posthoc_report.write(run(args))

@@ -1,9 +1,11 @@
-"""Tables, plot and result files of ``benchmarks/posthoc.py``."""
+"""Summary, tables, plot and result files of ``benchmarks/posthoc.py`` (which imports this
+module; this one imports nothing of it)."""
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -17,6 +19,27 @@ def _stem(result: dict) -> str:
     quick = "_quick" if result["config"]["quick"] else ""
     cpu = cpu.strip("-")
     return f"{m['date'][:10]}_posthoc_{cpu}_{m['cores']}c_torch-{v['torch']}_py{m['python']}{quick}"
+
+
+def summarise(result: dict) -> dict:
+    """Medians per cache state: times, GB/s, ratio to reading, memory against the budget."""
+    size = result["store"]["bytes"]
+    out = {}
+    for cache in ("cold", "hot"):
+        rows = [r for r in result["reads"] if r["cache"] == cache]
+        read = statistics.median(r["read_s"] for r in rows)
+        rec = statistics.median(r["seconds"] for r in rows)
+        out[cache] = {
+            "read_s": read,
+            "read_gb_s": size / read / 1e9,
+            "reconstruct_s": rec,
+            "reconstruct_gb_s": size / rec / 1e9,
+            "ratio": statistics.median(r["seconds"] / r["read_s"] for r in rows),
+            "read_cpu_s": statistics.median(r["read_cpu_s"] for r in rows),
+            "reconstruct_cpu_s": statistics.median(r["cpu_s"] for r in rows),
+            "extra_bytes": max(r["extra_bytes"] for r in rows),
+        }
+    return out
 
 
 def markdown(result: dict, summary: dict) -> str:
@@ -190,7 +213,7 @@ def plot(result: dict, summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write(result: dict, summarise) -> None:
+def write(result: dict) -> None:
     summary = summarise(result)
     result["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
@@ -206,7 +229,4 @@ def write(result: dict, summarise) -> None:
 if __name__ == "__main__":  # re-render the Markdown and the plot of a result file
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import posthoc
-
-    write(json.loads(Path(sys.argv[1]).read_text()), posthoc.summary)
+    write(json.loads(Path(sys.argv[1]).read_text()))

@@ -137,3 +137,30 @@ def test_the_version_is_written_once_in_pyproject():
     assert declared and polyak.__version__ == metadata.version("polyak") == declared.group(1)
     hard_coded = [p for p in MODULES.values() if _re.search(r'__version__ = "', p.read_text())]
     assert not hard_coded
+
+
+def test_benchmark_scripts_import_each_other_without_cycles():
+    folder = SRC.parent / "benchmarks"
+    scripts = {p.stem: p for p in folder.glob("*.py")}
+    edges = {}
+    for name, path in scripts.items():
+        tree = ast.parse(path.read_text())
+        edges[name] = {
+            a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for a in node.names
+            if a.name in scripts
+        } | {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module in scripts
+        }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start]
+        )
+
+    assert not [n for n in scripts if reaches(n, n, set())]
+    assert "posthoc_report" in edges["posthoc"]  # the check sees the imports in functions

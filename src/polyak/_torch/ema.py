@@ -23,6 +23,7 @@ from polyak._deprecation import deprecated
 from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
 from polyak._torch import state as codec
+from polyak._torch.bema import Corrected, anchor_row, corrected, follow
 from polyak._torch.binding import Binding, Policy, bind, kept_names, pending, select
 from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_dtensor, reshard
@@ -220,18 +221,24 @@ class EMA(TimelineViews):
         self._lock = threading.Lock()
         self._swap: SwapState | None = None
         self._modules: dict[str, tuple[nn.Module, int]] = {}  # module, updates when checked
+        self._refreshers: dict[str, Any] = {}  # BEMA modules: recompute the correction if due
         self._owned: dict[int, torch.Tensor] = {}  # the flat buffers flat_params made
         self._freeze_warned = False
         selection = select(model, self._policy)  # bad policies fail here, built or not
         self._names = [e.name for e in selection[1]]
         self._binding: Binding | None = None
         if pending(selection[1], selection[2]) is None:
-            self._binding = bind(model, self._policy, selection, self._k, None, self._owned)
+            self._binding = bind(model, self._policy, selection, self._rows, None, self._owned)
 
     # ----------------------------------------------------------------- binding
     @property
     def _k(self) -> int:
         return len(self._timeline.names)
+
+    @property
+    def _rows(self) -> int:
+        """Storage rows: the averages, then the anchors of the BEMA averages."""
+        return self._k + len(self._timeline.anchored)
 
     def _bound(self) -> Binding:
         """The binding, made now if the model's weights did not exist when the EMA was built."""
@@ -240,7 +247,7 @@ class EMA(TimelineViews):
                 self._model,
                 self._policy,
                 select(self._model, self._policy),
-                self._k,
+                self._rows,
                 None,
                 self._owned,
             )
@@ -250,13 +257,14 @@ class EMA(TimelineViews):
         self._model, self._binding = model, binding
         self._names = [e.name for e in binding.entries]
         self._modules.clear()
+        self._refreshers.clear()
 
     def _follow(self, model: nn.Module) -> Binding:
         """``update(other_model)``: the same tensors by name and shape, read from ``model``."""
         selection = select(model, self._policy)
         check_names(self._names, [e.name for e in selection[1]], "the model passed to update()")
         if self._binding is None:
-            binding = bind(model, self._policy, selection, self._k, None, self._owned)
+            binding = bind(model, self._policy, selection, self._rows, None, self._owned)
         else:
             old = {e.name: e.mode for e in self._binding.entries}
             for e in selection[1]:
@@ -284,7 +292,7 @@ class EMA(TimelineViews):
             model = self._model if model is None else model
             selection = select(model, self._policy)
             old = self._binding
-            binding = bind(model, self._policy, selection, self._k, old, self._owned)
+            binding = bind(model, self._policy, selection, self._rows, old, self._owned)
             entries = selection[1]
             kept = kept_names(old, entries, selection[2]) if old is not None else []
             report = {
@@ -321,7 +329,7 @@ class EMA(TimelineViews):
             if plan.decays:
                 if self._policy.dtype in _LOW_PRECISION and not self._freeze_warned:
                     self._warn_freeze(plan.decays)
-                binding.apply(plan.decays, self._timeline.num_updates)
+                binding.apply(plan.decays + plan.anchors, self._timeline.num_updates)
             self._timeline.commit(plan)
 
     def _warn_freeze(self, decays: tuple[float, ...]) -> None:
@@ -352,9 +360,19 @@ class EMA(TimelineViews):
     def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
         """``{tensor name: view}`` of one average (averaged and copied tensors), no copies.
 
-        Under FSDP2 these are this rank's shards; ``state_dict(full=True)`` gathers them.
+        Under FSDP2 these are this rank's shards; ``state_dict(full=True)`` gathers them. For a
+        BEMA average (:func:`polyak.averages.bema`) these are the stored EMA part, not the
+        corrected weights: the correction ``alpha (live - anchor)`` depends on the live weights
+        at the time of the read, so it cannot be a view; ``averaged_state_dict(name)`` (and
+        every other read) gives the corrected weights.
         """
         return self._bound().averages.row(self._row(name))
+
+    def _read(self, row: int, binding: Binding) -> dict[str, torch.Tensor]:
+        """What a read of average ``row`` gives: the stored views, or BEMA's corrected weights
+        in a new buffer."""
+        fixed = corrected(binding, self._timeline, row)
+        return binding.averages.row(row) if fixed is None else fixed
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """``{tensor name: live tensor}``: the model's tracked tensors as the averages read
@@ -394,8 +412,8 @@ class EMA(TimelineViews):
             binding.verify()
             row = self._row(name)
             root, entries = binding.targets(model)
-            sources = list(binding.averages.row(row).values())
             self._warn_nonfinite(row, "swapping in")
+            sources = list(self._read(row, binding).values())
             self._swap = swap_in(
                 root,
                 [e.name for e in entries],
@@ -458,12 +476,27 @@ class EMA(TimelineViews):
         self._restore(strict=True)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module | None = None, name: str | None = None) -> None:
+    def copy_to(
+        self, model: nn.Module | None = None, name: str | None = None, *, restart: bool = False
+    ) -> None:
         """Write average ``name`` into ``model``'s tensors permanently (a copy, cast as needed).
+
+        Called on the trained model during training, this is a write-back (Switch EMA, Li et al.
+        2024; :class:`polyak.workflows.WriteBack` schedules it). The optimizer's state is not
+        touched: Adam's moments keep describing the old trajectory (see the write-back guide).
+
+        ``restart=True`` (PMA-style, Li et al. 2025): after writing, the averages start again
+        from the written weights, as if the EMA were built now: every average (and each BEMA
+        anchor) is set to them, and the schedules count steps from here
+        (:meth:`polyak._timeline.Timeline.restart`): a uniform or power average weighs only the
+        weights after the restart, a warm-up (``inverse_power``, BEMA's) warms up again, a
+        constant decay is not affected by the count. ``step`` keeps counting optimizer steps.
 
         Raises:
             polyak.NonFiniteError: the average holds inf/nan (nothing is written).
         """
+        if not isinstance(restart, bool):
+            raise TypeError(f"restart must be True or False, got {restart!r}")
         with self._lock:
             self._not_swapped("copy_to()", "would be undone by restore()")
             binding = self._bound()
@@ -478,11 +511,19 @@ class EMA(TimelineViews):
                 )
             _, entries = binding.targets(model)
             targets = [e.get() for e in entries]
+            source = self._read(row, binding)
             staged = [
-                s.to(t.device, t.dtype) for t, s in zip(targets, binding.averages.row(row).values())
+                s.to(t.device, t.dtype) for t, s in zip(targets, source.values())
             ]  # every allocation before the first write
             for t, s in zip(targets, staged):
                 t.copy_(s)
+            if restart:
+                averaged = binding.averages.averaged
+                for views in averaged.views:
+                    for n, v in views.items():
+                        if v.data_ptr() != source[n].data_ptr():
+                            v.copy_(source[n])
+                self._timeline.restart()
 
     def get_module(self, name: str | None = None) -> nn.Module:
         """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
@@ -509,10 +550,16 @@ class EMA(TimelineViews):
             )
         binding.verify()
         self._warn_nonfinite(row, "get_module()")
+        refresh = self._refreshers.get(key)
+        if cached is not None and refresh is not None:
+            refresh()
         if cached is None:
-            replacements = {
-                id(t): v for t, v in zip(binding.lives, binding.averages.row(row).values())
-            }
+            views = binding.averages.row(row)
+            buffer = None
+            if anchor_row(self._timeline, row) is not None:  # BEMA: its own corrected copy
+                buffer = Corrected(binding)
+                views = buffer.fill(row, anchor_row(self._timeline, row), self._timeline.alpha(row))
+            replacements = {id(t): v for t, v in zip(binding.lives, views.values())}
             keep = [
                 t
                 for m in binding.root.modules()
@@ -520,6 +567,9 @@ class EMA(TimelineViews):
                 if t is not None and id(t) not in replacements
             ]
             cached = (shared_module(binding.root, replacements, keep), 0)
+            if buffer is not None:
+                self._refreshers[key] = follow(cached[0], buffer, self._timeline, row)
+                self._refreshers[key]()
         self._modules[key] = (cached[0], self._timeline.num_updates)
         return cached[0]
 
@@ -547,7 +597,7 @@ class EMA(TimelineViews):
         binding.verify()
         row = self._row(name)
         self._warn_nonfinite(row, "averaged_state_dict()")
-        views = binding.averages.row(row)
+        views = self._read(row, binding)
         by_id = {id(t): views[e.name] for e, t in zip(binding.entries, binding.lives)}
         return {
             k: by_id.get(id(v), v.detach())

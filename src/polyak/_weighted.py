@@ -45,8 +45,7 @@ class _Weighted(Schedule):
                 ) from None
         if not math.isfinite(value) or value < 0.0:
             raise ValueError(
-                f"{self.name}: the weight of step {s} is {value!r}; weights must be finite and "
-                ">= 0"
+                f"{self.name}: the weight of step {s} is {value!r}; weights must be finite and >= 0"
             )
         return float(value)
 

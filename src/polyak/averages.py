@@ -174,9 +174,8 @@ def bema(
         ...     _ = model.weight.add_(1.0)
         >>> ema.update()
         >>> fixed = ema.averaged_state_dict("bema")["weight"]   # EMA + alpha (live - anchor)
-        >>> bool(((model.weight - fixed).abs() < (model.weight - ema.averaged_tensors("bema")["weight"]).abs()).all())
+        >>> stored = ema.averaged_tensors("bema")["weight"]     # the EMA part, lagging
+        >>> bool(((model.weight - fixed).abs() < (model.weight - stored).abs()).all())
         True
     """
-    return BEMA(
-        ema_power, bias_power, lag, multiplier, min_ema_multiplier, anchor_step, per_update
-    )
+    return BEMA(ema_power, bias_power, lag, multiplier, min_ema_multiplier, anchor_step, per_update)

@@ -62,9 +62,7 @@ class Corrected:
         return self.storage.nbytes
 
 
-def corrected(
-    binding: Binding, timeline: Timeline, row: int
-) -> dict[str, torch.Tensor] | None:
+def corrected(binding: Binding, timeline: Timeline, row: int) -> dict[str, torch.Tensor] | None:
     """The corrected weights of average ``row`` in a new buffer, or ``None`` for a plain
     average (whose stored views are what reads give)."""
     anchor = anchor_row(timeline, row)
@@ -77,7 +75,9 @@ def _versions(binding: Binding) -> int:
     return sum(t._version for t in binding.lives)
 
 
-def follow(module: nn.Module, buffer: Corrected, timeline: Timeline, row: int) -> Callable[[], None]:
+def follow(
+    module: nn.Module, buffer: Corrected, timeline: Timeline, row: int
+) -> Callable[[], None]:
     """Keep ``module`` (whose tensors are views of ``buffer``) equal to the corrected average:
     recompute it at a forward once the average or the live weights changed (a count of updates
     and the live tensors' version counters say so). Returns the function that recomputes it when

@@ -556,9 +556,10 @@ class EMA(TimelineViews):
         if cached is None:
             views = binding.averages.row(row)
             buffer = None
-            if anchor_row(self._timeline, row) is not None:  # BEMA: its own corrected copy
+            anchor = anchor_row(self._timeline, row)
+            if anchor is not None:  # BEMA: its own corrected copy
                 buffer = Corrected(binding)
-                views = buffer.fill(row, anchor_row(self._timeline, row), self._timeline.alpha(row))
+                views = buffer.fill(row, anchor, self._timeline.alpha(row))
             replacements = {id(t): v for t, v in zip(binding.lives, views.values())}
             keep = [
                 t

@@ -49,7 +49,8 @@ def test_nnx_swapped_holds_the_corrected_average():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     state = pj.init(nnx.state(model, nnx.Param), bema())
     for k in range(3):
-        new = jax.tree.map(lambda x: x + 0.5 * (k + 1), nnx.state(model, nnx.Param))
+        shift = 0.5 * (k + 1)
+        new = jax.tree.map(lambda x, s=shift: x + s, nnx.state(model, nnx.Param))
         nnx.update(model, new)
         state = pj.update(state, nnx.state(model, nnx.Param))
     want = pj.average(state, params=nnx.state(model, nnx.Param))

@@ -18,6 +18,7 @@ from polyak.errors import CheckpointError
 from polyak.integrations._checkpoint_entry import check_entry, checkpoint_step, make_entry
 from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
 from polyak.types import DecayLike, EMAOptions
+from polyak.workflows.write_back import WriteBack
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -86,6 +87,11 @@ class EMACallback(pl.Callback):
         average: name of the average evaluated, exported or copied (default: the first).
         final_weights: what the model holds after ``fit``: ``"live"`` (default), ``"average"``
             (the evaluated one) or an average's name.
+        write_back: a :class:`polyak.workflows.WriteBack`: copy an average into the trained
+            model at its optimizer steps (after that step's update) or epoch ends
+            (``on_train_epoch_end``, after validation), restarting
+            the averages if it says so (Switch EMA, PMA). A decay may be a BEMA average
+            (:func:`polyak.averages.bema`): evaluation and exports then use its corrected weights.
         save_average_as_weights: write the average as the checkpoint's ``state_dict`` (so
             ``Module.load_from_checkpoint`` gives it), keeping the live weights for resume in the
             callback's entry. Checkpoints saved with ``save_weights_only=True`` get no callback
@@ -117,6 +123,7 @@ class EMACallback(pl.Callback):
         average: str | None = None,
         final_weights: str = "live",
         save_average_as_weights: bool = False,
+        write_back: WriteBack | None = None,
         **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         if not isinstance(save_average_as_weights, bool):
@@ -130,6 +137,7 @@ class EMACallback(pl.Callback):
             final_weights=final_weights,
             ema_kwargs=ema_kwargs,
             owner="EMACallback",
+            write_back=write_back,
         )
         self.save_average_as_weights = save_average_as_weights
         # Lightning reads the key at every hook call: build the string once
@@ -176,6 +184,11 @@ class EMACallback(pl.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._avg.update()
+        if self._avg.write_back is not None and self.ema is not None:
+            self._avg.write_back_after(args[1], "steps", self.ema.step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._avg.write_back_after(pl_module, "epochs", trainer.current_epoch + 1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._avg.release()

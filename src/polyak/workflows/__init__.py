@@ -6,7 +6,8 @@
 * :class:`EarlyStopping` — the best epoch over the live weights and every average;
 * :func:`recompute_bn` — BatchNorm statistics recomputed for averaged weights;
 * :func:`soft_update_`, :func:`hard_update_` — target networks (RL, BYOL, MoCo, mean teacher);
-* :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints.
+* :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints;
+* :class:`WriteBack` — when to copy an average into the trained model (Switch EMA, PMA).
 
 Batches follow one convention everywhere: a tensor is an input without target, a tuple or list
 ``(x, y)`` is inputs then target (``(x1, x2, y)`` passes ``x1, x2``; ``(x,)`` has no target), a
@@ -20,11 +21,13 @@ from polyak.workflows.ensemble import EnsemblePredictions, ensemble_predictions
 from polyak.workflows.evaluate import evaluate
 from polyak.workflows.target import hard_update_, soft_update_
 from polyak.workflows.train import train_with_ema
+from polyak.workflows.write_back import WriteBack
 
 __all__ = [
     "Best",
     "EarlyStopping",
     "EnsemblePredictions",
+    "WriteBack",
     "ensemble_predictions",
     "evaluate",
     "hard_update_",

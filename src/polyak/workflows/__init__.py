@@ -7,7 +7,9 @@
 * :func:`recompute_bn` — BatchNorm statistics recomputed for averaged weights;
 * :func:`soft_update_`, :func:`hard_update_` — target networks (RL, BYOL, MoCo, mean teacher);
 * :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints;
-* :class:`WriteBack` — when to copy an average into the trained model (Switch EMA, PMA).
+* :class:`WriteBack` — when to copy an average into the trained model (Switch EMA, PMA);
+* :func:`swag_predictions` — sample models from a :class:`polyak.SWAG`, recompute BatchNorm,
+  ensemble their predictions.
 
 Batches follow one convention everywhere: a tensor is an input without target, a tuple or list
 ``(x, y)`` is inputs then target (``(x1, x2, y)`` passes ``x1, x2``; ``(x,)`` has no target), a
@@ -19,6 +21,7 @@ from polyak.workflows.bn import recompute_bn
 from polyak.workflows.early_stopping import Best, EarlyStopping
 from polyak.workflows.ensemble import EnsemblePredictions, ensemble_predictions
 from polyak.workflows.evaluate import evaluate
+from polyak.workflows.swag import swag_predictions
 from polyak.workflows.target import hard_update_, soft_update_
 from polyak.workflows.train import train_with_ema
 from polyak.workflows.write_back import WriteBack
@@ -33,5 +36,6 @@ __all__ = [
     "hard_update_",
     "recompute_bn",
     "soft_update_",
+    "swag_predictions",
     "train_with_ema",
 ]

@@ -160,8 +160,7 @@ class SWAG:
         lives = self._lives(model)
         n, slot = self.collected, 2 + self.collected % self.rank
         views = self._storage.views[slot]
-        for name, live in zip(self._names, lives):
-            views[name].copy_(live)  # the one read of the live weights
+        torch._foreach_copy_([views[n] for n in self._names], lives)  # the one read of the live
         for buf in self._storage.buffers.values():
             mean, second, column = buf[0], buf[1], buf[slot]
             mean.lerp_(column, 1.0 / (n + 1))

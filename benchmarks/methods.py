@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "# BEMA and SWAG updates against the plain EMA",
         "",
         f"Model: polyak bench's transformer, {sizes['params']} parameters in "
-        f"{sizes['param_tensors']} tensors (scale {scale}); {rounds} rounds; machine {result['machine']['cpu']} "
+        f"{sizes['param_tensors']} tensors (scale {scale}); {rounds} rounds; machine "
+        f"{result['machine']['cpu']} "
         f"({result['machine']['cores']} cores, torch threads {args.threads}); load before "
         f"{load_before}, after {result['load_after']}.",
         "",

@@ -31,6 +31,8 @@ from polyak.cli.study.classify import LIVE, make_split, train_run
 from polyak.cli.study.cmapss import load_cmapss
 from polyak.cli.study.config import StudyConfig
 from polyak.cli.study.data import Dataset, resolve_dataset
+from polyak.cli.study.methods import WRITE_BACKS, train_write_back
+from polyak.cli.study.methods_report import summarise_methods
 from polyak.cli.study.plots import write_plots
 from polyak.cli.study.posthoc_sweep import summarise_posthoc
 from polyak.cli.study.regression import SETTINGS, regression_case, summarise_regression
@@ -123,6 +125,9 @@ def _job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, float]:
     if job[0] == "cls":
         _, noise, seed = job
         result: Any = train_run(cfg, _SHARED["splits"][noise], seed)
+    elif job[0] == "wb":
+        _, noise, seed, variant = job
+        result = train_write_back(cfg, _SHARED["splits"][noise], seed, variant)
     elif job[0] == "rul":
         result = train_rul_seed(
             _SHARED["rul"], job[1], epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -174,11 +179,13 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
     jobs: list[tuple[Any, ...]] = [("cls", n, seed) for n in cfg.noise for seed in seeds]
     if cfg.regression:
         jobs += [("reg", name, i) for name in SETTINGS for i in reg_splits]
+    if cfg.methods:
+        jobs += [("wb", n, seed, v) for n in cfg.noise for seed in seeds for v in WRITE_BACKS]
     _SHARED.update(cfg=cfg, splits=splits)
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
         done[job] = result
-        progress.update(cfg.epochs if job[0] == "cls" else 1)
+        progress.update({"cls": cfg.epochs, "reg": 1}.get(job[0], 0))
         if cfg.progress and not tty and job[0] == "cls":
             acc = {m: f"{s['acc']:.3f}" for m, s in result["final"].items() if "+bn" not in m}
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",
@@ -213,6 +220,9 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         "regression": regression,
         "posthoc": {n: summarise_posthoc(r, summary[n]["models"][LIVE]) for n, r in runs.items()}
         if cfg.posthoc else None,
+        "methods": {n: summarise_methods(r, [v for k, v in done.items() if k[0] == "wb"
+                                             and str(k[1]) == n], summary[n])
+                    for n, r in runs.items()} if cfg.methods else None,
     }  # fmt: skip
     results["wall_time_s"] = time.perf_counter() - plan.started
     plots = write_plots(results, reliability, out)

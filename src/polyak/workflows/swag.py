@@ -65,7 +65,8 @@ def swag_predictions(
         ...         _ = net.weight.add_(0.1 * torch.randn(3, 4))
         ...     swag.update()
         >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-        >>> out = polyak.workflows.swag_predictions(swag, net, data, samples=3)
+        >>> from polyak.workflows import swag_predictions
+        >>> out = swag_predictions(swag, net, data, samples=3)
         >>> out.probs.shape
         torch.Size([8, 3])
     """

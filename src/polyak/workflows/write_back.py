@@ -59,8 +59,8 @@ class WriteBack:
         restart: restart the averages after writing (PMA-style).
 
     Example:
-        >>> import polyak
-        >>> wb = polyak.workflows.WriteBack(every=2, unit="epochs", start=1, end=7)
+        >>> from polyak.workflows import WriteBack
+        >>> wb = WriteBack(every=2, unit="epochs", start=1, end=7)
         >>> [c for c in range(1, 10) if wb.due(c)]
         [3, 5, 7]
     """

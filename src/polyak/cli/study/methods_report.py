@@ -144,7 +144,7 @@ def _outcome(s: dict[str, Any], noise: str) -> list[str]:
 def methods_findings(results: dict[str, Any]) -> list[str]:
     """One line per method and noise level: what was expected against what happened."""
     levels = results.get("methods") or {}
-    return [line for noise, s in levels.items() for line in _outcome(s, noise)]
+    return [f"- {line}" for noise, s in levels.items() for line in _outcome(s, noise)]
 
 
 def methods_section(results: dict[str, Any]) -> list[str]:
@@ -172,5 +172,5 @@ def methods_section(results: dict[str, Any]) -> list[str]:
                 f"{row['val_acc']['mean']:.4f} |"
             )
     lines += ["", "What happened:", ""]
-    lines += [f"- {line}" for line in methods_findings(results)]
+    lines += methods_findings(results)
     return [*lines, ""]

@@ -54,6 +54,12 @@ class Corrected:
         for key, out in self.storage.buffers.items():
             rows = averages.averaged.buffers[key]
             out[0].sub_(rows[anchor]).mul_(alpha).add_(rows[row])
+        return self.views()
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """``{name: view}`` of every tracked tensor: this buffer's, and the copied tensors'
+        own storage."""
+        views, averages = self.storage.views[0], self.binding.averages
         copied = averages.copied.views[0]
         return {n: views[n] if n in views else copied[n] for n in averages.names}
 

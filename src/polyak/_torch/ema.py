@@ -528,6 +528,9 @@ class EMA(TimelineViews):
     def get_module(self, name: str | None = None) -> nn.Module:
         """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
 
+        A BEMA average's module holds its own corrected copy (one more copy of the tensors),
+        recomputed at its first forward after an update or a change of the live weights.
+
         Memory: only the module structure. Its parameters and buffers *are* the average's
         storage (views, no copy), so it follows every :meth:`update`; tensors the EMA does not
         track (excluded, ``buffers="ignore"``) are shared with the trained model. It holds the
@@ -556,10 +559,9 @@ class EMA(TimelineViews):
         if cached is None:
             views = binding.averages.row(row)
             buffer = None
-            anchor = anchor_row(self._timeline, row)
-            if anchor is not None:  # BEMA: its own corrected copy
+            if anchor_row(self._timeline, row) is not None:  # BEMA: its own corrected copy
                 buffer = Corrected(binding)
-                views = buffer.fill(row, anchor, self._timeline.alpha(row))
+                views = buffer.views()  # filled by the refresher below
             replacements = {id(t): v for t, v in zip(binding.lives, views.values())}
             keep = [
                 t

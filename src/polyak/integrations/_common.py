@@ -52,20 +52,20 @@ class Averaging:
         owner: str,
         write_back: WriteBack | None = None,
     ) -> None:
+        if evaluate not in EVALUATE:
+            raise ValueError(f"{owner}: evaluate must be one of {EVALUATE}, got {evaluate!r}")
+        names, _ = parse_decays(decay)  # checks decay, names the averages as EMA does
         if write_back is not None:
             if not isinstance(write_back, WriteBack):
                 raise TypeError(
                     f"{owner}: write_back must be a polyak.workflows.WriteBack, got "
                     f"{type(write_back).__name__}"
                 )
-            if write_back.average is not None and write_back.average not in parse_decays(decay)[0]:
+            if write_back.average is not None and write_back.average not in names:
                 raise ValueError(
                     f"{owner}: WriteBack(average={write_back.average!r}) is not one of the "
-                    f"averages {list(parse_decays(decay)[0])}"
+                    f"averages {list(names)}"
                 )
-        if evaluate not in EVALUATE:
-            raise ValueError(f"{owner}: evaluate must be one of {EVALUATE}, got {evaluate!r}")
-        names, _ = parse_decays(decay)  # checks decay, names the averages as EMA does
         if average is None:
             average = names[0]
         elif average not in names:

@@ -21,6 +21,7 @@ from polyak.errors import NonFiniteError
 from polyak.jax._state import EMAState, find_state, index, is_averaged, leaf_paths
 
 __all__ = [
+    "alpha",
     "average",
     "check_handout",
     "corrected",

@@ -126,3 +126,15 @@ def test_bad_weights_are_named():
     with pytest.raises(ValueError, match=r"lr\(3\)"):
         schedules.lr_weighted(lambda t: -1.0 if t == 3 else 1.0, running_max=False)(3)
     assert schedules.weighted(lambda t: 0.0)(3) == 0.0  # no weight yet: the latest value
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_every_k_steps_equals_every_step_on_the_held_stream(case):
+    """update_every=k on a stream equals update_every=1 on the stream each update sees: its
+    value held over the k steps of the gap."""
+    schedule, _ = CASES[case]
+    values = _values(30)
+    held = [values[min(len(values), (t // 5 + 1) * 5) - 1] for t in range(30)]
+    every = _feed(values, copy.deepcopy(schedule), 5)
+    step = _feed(held, copy.deepcopy(schedule), 1)
+    np.testing.assert_allclose(every, step, rtol=1e-12, atol=1e-12)

@@ -99,7 +99,8 @@ class EMA(TimelineViews):
     Args:
         model: the model being trained (possibly wrapped by DDP or ``torch.compile``).
         decay: a float, a schedule from :mod:`polyak.schedules`, or a sequence / dict of them
-            to keep several averages at once.
+            to keep several averages at once; a BEMA average (:func:`polyak.averages.bema`)
+            too, whose reads are bias-corrected (one more copy, its anchor).
         buffers: ``"average"``, ``"copy"`` or ``"ignore"`` for floating buffers.
         include: glob pattern(s); only matching tensors are tracked.
         exclude: glob pattern(s) of tensors not to track.

@@ -19,6 +19,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import polyak.jax as pj
 from polyak import schedules
 
+pytestmark = pytest.mark.slow  # a subprocess with two JAX devices
+
 assert jax.device_count() == 2, jax.devices()
 rng = np.random.default_rng(0)
 COLLECTIVE = (r"all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all"

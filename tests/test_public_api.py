@@ -40,7 +40,10 @@ ALLOWED = [
 
 def _public_callables():
     for name in MODULES:
-        mod = importlib.import_module(name)
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # an integration whose framework is not installed
+            continue
         for attr in getattr(mod, "__all__", []):
             obj = getattr(mod, attr)
             if inspect.isclass(obj):

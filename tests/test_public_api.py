@@ -24,6 +24,7 @@ MODULES = [
     "polyak.integrations.lightning",
     "polyak.integrations.transformers",
     "polyak.errors",
+    "polyak.export",
 ]
 
 # Where Any stays, and why (each a reason a reader can check):

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,8 +166,9 @@ def save_pretrained(
     """Write average ``name`` as a Hugging Face folder (all or nothing).
 
     A ``transformers`` model: its own ``save_pretrained`` writes the folder (keys, config,
-    shards; ``kwargs`` such as ``max_shard_size`` go to it), with ``config.dtype`` set to
-    ``dtype``, so ``AutoModel...from_pretrained(directory)`` loads the average. A PEFT model
+    shards; ``kwargs`` such as ``max_shard_size`` go to it), its ``config.json`` saying
+    ``dtype``, so ``AutoModel...from_pretrained(directory)`` loads the average (with
+    ``dtype="auto"``: in that dtype). A PEFT model
     (``peft.PeftModel``): the adapter folder of the active adapter (or ``selected_adapters``
     in ``kwargs``) with the averaged adapter weights, which ``PeftModel.from_pretrained(base,
     directory)`` loads; the frozen base is not written. Each safetensors file carries the
@@ -204,9 +205,9 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".polyak-export-", dir=directory))
     try:
-        config = getattr(inner, "config", None)
-        with _config_dtype(None if is_peft else config, dtype):
-            inner.save_pretrained(str(staging), state_dict=state, safe_serialization=True, **kwargs)
+        inner.save_pretrained(str(staging), state_dict=state, safe_serialization=True, **kwargs)
+        if dtype is not None and not is_peft and (staging / "config.json").is_file():
+            _set_config_dtype(staging / "config.json", dtype)
         written = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
         with Outputs() as out:
             for rel in written:
@@ -243,19 +244,12 @@ def _with_metadata(path: Path, meta: Mapping[str, str]) -> None:
     save_file(load_file(str(path)), str(path), metadata={**old, **meta})
 
 
-@contextlib.contextmanager
-def _config_dtype(config: Any, dtype: torch.dtype | None) -> Iterator[None]:
-    """``config.dtype`` set to ``dtype`` while the folder is written (its config.json then
-    says what the weights are), and put back after."""
-    if config is None or dtype is None:
-        yield
-        return
-    saved = getattr(config, "dtype", None)
-    config.dtype = dtype
-    try:
-        yield
-    finally:
-        config.dtype = saved
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """The written ``config.json`` says what the weights are (``from_pretrained(dtype="auto")``
+    loads them as such); transformers writes the model's own dtype there."""
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _quietly(fn: Any, *args: Any) -> Any:

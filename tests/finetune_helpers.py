@@ -52,3 +52,36 @@ def logits(model, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model.eval()(input_ids=ids).logits
+
+
+def word_tokenizer():
+    """A word-level tokenizer over ``<pad> <eos> <unk> w0 .. w60``, built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def preference_data(n: int = 16, seed: int = 0):
+    """``n`` preference pairs of random words (prompt, chosen, rejected), built in code."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def sentence(k: int) -> str:
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, 61, (k,), generator=gen))
+
+    rows = [(sentence(4), sentence(3), sentence(3)) for _ in range(n)]
+    return Dataset.from_dict(
+        {k: [r[i] for r in rows] for i, k in enumerate(("prompt", "chosen", "rejected"))}
+    )
+
+
+def dpo_llama(seed: int = 0):
+    """``tiny_llama`` with the word tokenizer's special tokens."""
+    return tiny_llama(seed, pad_token_id=0, eos_token_id=1, bos_token_id=1)

@@ -25,6 +25,7 @@ MODULES = [
     "polyak.integrations.transformers",
     "polyak.errors",
     "polyak.export",
+    "polyak.integrations.trl",
 ]
 
 # Where Any stays, and why (each a reason a reader can check):

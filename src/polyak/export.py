@@ -62,6 +62,13 @@ def averaged_state_dict(
     Raises:
         polyak.NonFiniteError: the average holds inf/nan (nothing to deploy).
         TypeError: ``dtype`` is not a floating torch dtype.
+
+    Example:
+        >>> import torch, polyak, polyak.export
+        >>> ema = polyak.EMA(torch.nn.Linear(4, 2), decay=0.9)
+        >>> state = polyak.export.averaged_state_dict(ema, dtype=torch.bfloat16)
+        >>> sorted(state), state["weight"].dtype
+        (['bias', 'weight'], torch.bfloat16)
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
@@ -89,6 +96,14 @@ def metadata(ema: EMA, name: str | None = None, dtype: torch.dtype | None = None
     ``format`` is ``"pt"`` (what ``transformers`` expects); the ``polyak.*`` keys say what the
     file holds: the format, the average's name, its schedule (JSON), the optimizer steps and
     updates it saw, the update period and start step, the dtype, and the polyak version.
+
+    Example:
+        >>> import torch, polyak, polyak.export
+        >>> ema = polyak.EMA(torch.nn.Linear(4, 2), decay=polyak.schedules.power(gamma=7))
+        >>> ema.update()
+        >>> meta = polyak.export.metadata(ema)
+        >>> meta["polyak.schedule"], meta["polyak.updates"]
+        ('{"gamma": 7.0, "kind": "power", "sigma_rel": null}', '1')
     """
     import polyak
 
@@ -185,6 +200,11 @@ def save_pretrained(
 
     Returns:
         ``directory``, as a :class:`pathlib.Path`.
+
+    Example:
+        >>> ema = polyak.EMA(peft_model, decay=0.999)                  # doctest: +SKIP
+        >>> polyak.export.save_pretrained(ema, "adapter-ema")          # doctest: +SKIP
+        >>> PeftModel.from_pretrained(base_model, "adapter-ema")       # doctest: +SKIP
     """
     inner: Any = unwrap(ema.model)
     if not callable(getattr(inner, "save_pretrained", None)):

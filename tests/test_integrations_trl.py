@@ -127,3 +127,27 @@ def test_arguments_are_checked():
         ReferenceCallback(sync_steps=0)
     with pytest.raises(TypeError, match="pass no update_every"):
         ReferenceCallback(update_every=3)
+
+
+@pytest.mark.slow
+def test_another_average_is_copied_into_the_reference_at_each_sync(tmp_path):
+    """decay= (the BEMA hook): the average moves every step, the reference takes it every
+    sync_steps (here at step 4 of 5: the reference is the average as of step 4)."""
+    snapshots = []
+
+    class Snapshot(trl.trainer.callbacks.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+
+    model = dpo_llama()
+    init = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    cb = ReferenceCallback(sync_steps=2, decay=0.5)
+    trainer = dpo(tmp_path, model, copy.deepcopy(model), [Snapshot(), cb], max_steps=5)
+    trainer.train()
+    ref = dict(trainer.ref_model.named_parameters())
+    for name, x0 in init.items():
+        at4 = reference.ema([s[name].numpy() for s in snapshots[:4]], [0.5] * 4, x0.numpy())
+        np.testing.assert_allclose(ref[name].detach().double().numpy(), at4, rtol=1e-5, atol=1e-6)
+        at5 = reference.ema([s[name].numpy() for s in snapshots], [0.5] * 5, x0.numpy())
+        got = cb.ema.averaged_tensors()[name].double().numpy()
+        np.testing.assert_allclose(got, at5, rtol=1e-5, atol=1e-6)

@@ -50,7 +50,7 @@ import os, runpy, sys, traceback
 import importlib
 for name in ("numpy", "torch", "torch._dynamo", "torch.utils.data", "sklearn.datasets",
              "sklearn.model_selection", "polyak", "polyak.cli.study.data", "polyak.workflows",
-             "lightning.pytorch", "transformers.trainer", "accelerate"):
+             "lightning.pytorch", "transformers.trainer", "accelerate", "peft", "trl"):
     try:  # what the examples import (no torch op runs before the fork)
         importlib.import_module(name)
     except ImportError:  # the example that needs it will say so

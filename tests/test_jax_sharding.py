@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("jax", reason="polyak.jax needs JAX: pip install 'polyak[jax]'")
 
+pytestmark = pytest.mark.slow  # a subprocess with two JAX devices
+
 _SCRIPT = r"""
 import re
 import jax, jax.numpy as jnp, numpy as np
@@ -19,7 +21,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import polyak.jax as pj
 from polyak import schedules
 
-pytestmark = pytest.mark.slow  # a subprocess with two JAX devices
 
 assert jax.device_count() == 2, jax.devices()
 rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ from torch import nn
 
 from polyak._state import check_header
 from polyak._torch.binding import Policy, select
-from polyak._torch.naming import unmaterialized, unwrap
+from polyak._torch.naming import Entry, unmaterialized, unwrap
 from polyak._torch.sharding import ShardInfo, shard_info, take_shard
 from polyak._torch.state import _match
 from polyak._torch.storage import FlatStorage
@@ -34,6 +34,11 @@ def _int(value: Any, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _trained(e: Entry) -> bool:
+    """A floating parameter that requires grad (a frozen one's Gaussian is a point mass)."""
+    return e.is_param and e.mode == "average" and e.raw().requires_grad
 
 
 class SWAG:
@@ -58,7 +63,9 @@ class SWAG:
 
     Memory: ``K + 2`` copies of the tracked parameters (float32 by default). Buffers
     (BatchNorm statistics) are not tracked: recompute them for each sample
-    (:func:`polyak.workflows.swag_predictions` does). Parameters only, floating ones.
+    (:func:`polyak.workflows.swag_predictions` does). Parameters only, floating ones that
+    require grad when SWAG is built: a frozen one (a LoRA model's base) never moves, so its
+    Gaussian is a point mass; it is not stored and :meth:`sample` leaves it as the model has it.
 
     Args:
         model: the model being trained (possibly wrapped by DDP or ``torch.compile``).
@@ -105,16 +112,19 @@ class SWAG:
         self.rank = _int(rank, "rank", 1)
         self.start_step = _int(start_step, "start_step", 0)
         self.update_every = _int(update_every, "update_every", 1)
-        self._policy = Policy("ignore", include, exclude, dtype, None, False, False, None, "")
+        self._policy = Policy(
+            "ignore", include, exclude, dtype, None, False, False, None, "", "average"
+        )
         self._model = model
-        _, entries, lives = select(model, self._policy)
-        entries = [e for e, t in zip(entries, lives) if e.mode == "average"]
+        entries = [e for e in select(model, self._policy).entries if _trained(e)]
         for e in entries:
             why = unmaterialized(e.name, e.get())
             if why is not None:
                 raise ValueError(why)
         if not entries:
-            raise ValueError("the model has no floating parameter for SWAG to track")
+            raise ValueError(
+                "the model has no floating parameter that requires grad for SWAG to track"
+            )
         self._entries = entries
         self._names = [e.name for e in entries]
         specs = [
@@ -133,7 +143,7 @@ class SWAG:
     def _lives(self, model: nn.Module | None) -> list[torch.Tensor]:
         if model is None or unwrap(model) is unwrap(self._model):
             return [e.get() for e in self._entries]
-        _, entries, lives = select(model, self._policy)
+        _, entries, lives, _ = select(model, self._policy)
         theirs = {e.name: t for e, t in zip(entries, lives)}
         missing = [n for n in self._names if n not in theirs]
         if missing:

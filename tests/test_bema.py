@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import polyak
+import reference
 from polyak.averages import bema
 from polyak.integrations._ema_files import read_ema_files, save_ema_files
 
@@ -19,35 +20,6 @@ def _trajectory(steps: int, shape=(3, 4), seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     walk = np.cumsum(rng.normal(size=(steps + 1, *shape)), axis=0)
     return list(walk * 0.3 + 0.05 * np.arange(steps + 1)[:, None, None])
-
-
-def _reference(values, spec, update_every=1):
-    """Block & Zhang's BEMA in float64, the EMA part over each gap as the product of per-step
-    decays (per_update: one beta_t per update), the anchor at the update reaching anchor_step.
-
-    values[0] is theta at construction, values[t] after optimizer step t. Returns BEMA_t at
-    every update step t."""
-    rho, gamma, kappa, eta = spec.lag, spec.multiplier, spec.ema_power, spec.bias_power
-    tau = spec.anchor_step
-
-    def beta(t):
-        return min(1.0, max(spec.min_ema_multiplier, (rho + gamma * t) ** -kappa))
-
-    ema = values[0].astype(np.float64)
-    anchor = ema.copy()
-    out, last = {}, 0
-    for t in range(update_every, len(values), update_every):
-        theta = values[t].astype(np.float64)
-        if t - (t - last) < tau:  # the gap reaches the anchor step: both start from here
-            ema, anchor = theta.copy(), theta.copy()
-        else:
-            decay = 1.0 - beta(t)
-            if not spec.per_update:
-                decay = np.prod([1.0 - beta(j) for j in range(last + 1, t + 1)])
-            ema = decay * ema + (1.0 - decay) * theta
-        last = t
-        out[t] = ema + (rho + gamma * t) ** -eta * (theta - anchor)
-    return out
 
 
 def _run(values, decay, update_every=1):
@@ -71,7 +43,7 @@ def _run(values, decay, update_every=1):
 )
 def test_every_read_matches_the_papers_equations_in_float64(spec, every):
     values = _trajectory(24)
-    ref = _reference(values, spec, every)
+    ref = reference.bema(values, spec, every)
     model, ema = _run(values, {"bema": spec, "plain": 0.9}, every)
     for t in range(1, len(values)):
         with torch.no_grad():
@@ -118,7 +90,7 @@ def test_eta_large_is_the_plain_warm_up_ema_and_the_update_cost_is_the_plain_one
         with torch.no_grad():
             model.weight.copy_(torch.from_numpy(values[t]))
         ema.update()
-    plain = _reference(values, bema(bias_power=60.0))[10]
+    plain = reference.bema(values, bema(bias_power=60.0))[10]
     np.testing.assert_allclose(ema.averaged_tensors("b")["weight"], plain, atol=1e-6)
 
 
@@ -157,7 +129,7 @@ def test_resume_is_bit_exact_with_several_bema_and_plain_averages():
         a = ema.averaged_state_dict(name)["weight"]
         b = resumed.averaged_state_dict(name)["weight"]
         assert torch.equal(a, b), name
-    refs = {n: _reference(values, decays[n], 2)[20] for n in ("a", "b")}
+    refs = {n: reference.bema(values, decays[n], 2)[20] for n in ("a", "b")}
     for n, want in refs.items():
         np.testing.assert_allclose(ema.averaged_state_dict(n)["weight"], want, atol=2e-6)
 

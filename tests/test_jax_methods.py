@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import polyak.jax as pj
+import reference
 from polyak import schedules
 from polyak.averages import bema
 from polyak.jax._decays import twin
-from test_bema import _reference, _trajectory
+from test_bema import _trajectory
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ from test_bema import _reference, _trajectory
 )
 def test_bema_matches_the_papers_equations_and_survives_export(spec, every):
     values = [v.astype(np.float32) for v in _trajectory(18)]
-    ref = _reference(values, spec, every)
+    ref = reference.bema(values, spec, every)
     state = pj.init({"w": jnp.asarray(values[0])}, {"plain": 0.9, "b": spec}, update_every=every)
     step = jax.jit(pj.update)
     for t in range(1, len(values)):

@@ -73,9 +73,7 @@ def test_a_restart_starts_every_average_again_from_the_written_weights(every):
         got["c"], reference.timeline_average(later, lambda t: 0.8, w0, every), rtol=1e-12
     )
     # BEMA: anchor and EMA part start at the written weights, t counts from the restart
-    from test_bema import _reference
-
-    want = _reference([w0, *later], bema(0.5, 0.3), every)[10]
+    want = reference.bema([w0, *later], bema(0.5, 0.3), every)[10]
     np.testing.assert_allclose(ema.averaged_state_dict("b")["weight"].numpy(), want, rtol=1e-9)
     # the restart survives a save and load
     again = polyak.EMA(copy.deepcopy(model), copy.deepcopy(decays), update_every=every)

@@ -189,3 +189,41 @@ def test_bad_arguments_are_named():
         bema(min_ema_multiplier=2.0)
     with pytest.raises(TypeError, match="per_update"):
         bema(per_update=1)  # type: ignore[arg-type]
+
+
+def test_exports_and_frozen_parameters_give_the_corrected_average(tmp_path):
+    """A frozen parameter is not stored (nor anchored): its BEMA is itself; polyak.export
+    writes the corrected weights, not the stored EMA part."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import polyak.export
+
+    values = _trajectory(6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)  # frozen: read from the model
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(values[0]))
+    spec = bema(0.5, 0.3, lag=2.0)
+    ema = polyak.EMA(model, {"b": spec})
+    assert ema.nbytes == 2 * 12 * 4  # the EMA part and the anchor of the trained layer only
+    for t in range(1, 7):
+        with torch.no_grad():
+            model[0].weight.copy_(torch.from_numpy(values[t]))
+        ema.update()
+    want = reference.bema(values, spec)[6]
+    path = polyak.export.save(ema, tmp_path / "b.safetensors")
+    saved = load_file(path)
+    np.testing.assert_allclose(saved["0.weight"].double().numpy(), want, rtol=2e-6, atol=2e-6)
+    assert not np.allclose(ema.averaged_tensors()["0.weight"].double().numpy(), want, atol=1e-3)
+    for k in ("1.weight", "1.bias"):
+        assert torch.equal(saved[k], model.state_dict()[k])
+    with safe_open(str(path), "pt") as f:
+        assert '"kind": "bema"' in f.metadata()["polyak.schedule"]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    ema.copy_to(other)
+    np.testing.assert_allclose(other[0].weight.detach().double().numpy(), want, atol=2e-6)
+    assert torch.equal(other[1].weight, model[1].weight)  # the frozen one: the live value

@@ -184,6 +184,31 @@ def test_lightning_writes_the_average_into_the_module_at_its_steps():
     assert steps == [2, 4]
 
 
+class _EveryThird(LightningEMA):
+    def should_update(self, step_idx=None, epoch_idx=None):
+        return step_idx is not None and step_idx % 3 == 2  # after global steps 3, 6, ...
+
+
+class _GlobalSeen(L.Callback):
+    def __init__(self, cb):
+        self.cb, self.rows = cb, []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        avg = self.cb.ema.averaged_tensors()["net.0.weight"]
+        self.rows.append((trainer.global_step, torch.equal(module.net[0].weight, avg)))
+
+
+@pytest.mark.slow
+def test_lightning_writes_back_at_optimizer_steps_when_updates_are_sparser():
+    """should_update() updating every third step: the write-back still follows the optimizer
+    steps (2 and 4), writing the average as of its last update."""
+    cb = _EveryThird(0.8, write_back=WriteBack(every=2, unit="steps"))
+    seen = _GlobalSeen(cb)
+    trainer(max_epochs=1, callbacks=[cb, seen]).fit(Regression(), data(5))
+    assert [s for s, equal in seen.rows if equal] == [2, 4]
+    assert cb.ema.timeline.num_updates == 1
+
+
 class _HFSeen(TrainerCallback):
     def __init__(self, cb):
         self.cb, self.rows = cb, []

@@ -230,8 +230,8 @@ class EMACallback(pl.Callback):
     ) -> None:
         if self.should_update(step_idx=trainer.global_step - 1):
             self._avg.update()
-        if self._avg.write_back is not None and self.ema is not None:
-            self._avg.write_back_after(pl_module, "steps", self.ema.step)
+        if self._avg.write_back is not None and self.ema is not None:  # after that update
+            self._avg.write_back_after(pl_module, "steps", trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_update(epoch_idx=trainer.current_epoch):

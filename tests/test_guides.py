@@ -1,34 +1,79 @@
-"""Every ```python block of each ``docs/guides/*.md`` page runs as-is, top to bottom in one
-namespace, on CPU (each page in its own temporary working folder), and ends its printed
-output with what the ```text block right after it shows (where one follows; a Trainer's own
-log lines may come before it)."""
+"""Every ```python block of the docs runs as-is, top to bottom in one namespace per page, on CPU
+(each page in its own temporary working folder).
+
+A block that is only an include of an example (``--8<-- "examples/x.py"``, shown in full on the
+site) is run by ``tests/test_examples.py`` instead; here the file must exist. ```bash blocks
+(install commands, ``torchrun``) are not run. A ```text block right after a python block is
+its output: what that block printed must end with it (a Trainer's own log lines may come
+before).
+"""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib.util
 import io
 import re
 from pathlib import Path
 
 import pytest
 
-GUIDES = sorted((Path(__file__).resolve().parents[1] / "docs" / "guides").glob("*.md"))
+ROOT = Path(__file__).resolve().parents[1]
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
 BLOCK = re.compile(r"```(python|text)\n(.*?)```", flags=re.S)
+PAGES = [
+    p for p in sorted((ROOT / "docs").rglob("*.md")) if re.search(r"```python\n", p.read_text())
+]
 
 
-@pytest.mark.parametrize("page", GUIDES, ids=[p.stem for p in GUIDES])
-def test_guide_code_runs(page, tmp_path, monkeypatch):
-    blocks = BLOCK.findall(page.read_text())
-    assert any(kind == "python" for kind, _ in blocks), f"{page.name} has no python block"
+def _blocks(page: Path) -> tuple[list[str], list[str]]:
+    code, included = [], []
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+        lines = block.strip().splitlines()
+        if len(lines) == 1 and INCLUDE.match(lines[0]):
+            included.append(INCLUDE.match(lines[0]).group(1))  # type: ignore[union-attr]
+        else:
+            code.append(block)
+    return code, included
+
+
+def _imports(code: list[str]) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse("\n".join(code))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_pages_with_code_are_found():
+    names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
+    assert {"guides/quickstart.md", "guides/posthoc.md", "guides/numpy.md"} <= names
+
+
+@pytest.mark.parametrize(
+    "page", PAGES, ids=[p.relative_to(ROOT / "docs").as_posix() for p in PAGES]
+)
+def test_docs_code_runs(page, tmp_path, monkeypatch):
+    code, included = _blocks(page)
+    for path in included:
+        assert path.startswith("examples/") and (ROOT / path).is_file(), path
+    missing = sorted(name for name in _imports(code) if importlib.util.find_spec(name) is None)
+    if missing:  # the oldest-versions job installs only what polyak requires
+        pytest.skip(f"{', '.join(missing)} not installed")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
-    printed = None  # what the block just run printed, until a text block or another block
-    for i, (kind, code) in enumerate(blocks):
-        if kind == "python":
+    printed = None  # what the python block just run printed, until the next block
+    for i, (kind, block) in enumerate(BLOCK.findall(page.read_text())):
+        if kind == "python" and block in code:
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                exec(compile(code, f"{page.name} block {i + 1}", "exec"), namespace)
+                exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)
             printed = out.getvalue()
-        elif printed is not None:  # a text block right after code: its expected output
-            assert printed.strip().endswith(code.strip()), f"{page.name} block {i + 1}"
+        elif kind == "text" and printed is not None:  # the output of the block before
+            assert printed.strip().endswith(block.strip()), f"{page.name} block {i + 1}"
+            printed = None
+        else:
             printed = None

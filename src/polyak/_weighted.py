@@ -90,7 +90,7 @@ def weighted(weight: Callable[[int], float], *, total_steps: int | None = None) 
         total_steps: only for :mod:`polyak.jax`, whose traced twin looks ``w_t`` and ``W_t`` up
             in a table of this many steps built once on the host (steps beyond it give NaN).
 
-    Example:
+    Examples:
         >>> s = weighted(lambda t: 1.0)             # the running mean, like uniform()
         >>> s(1), s(2), s(4, dt=2)
         (0.0, 0.5, 0.5)
@@ -130,7 +130,7 @@ def polynomial(r: float) -> Schedule:
     Args:
         r: the exponent, ``>= 0``.
 
-    Example:
+    Examples:
         >>> round(polynomial(1.0)(3), 12), polynomial(0.0)(4)
         (0.5, 0.75)
     """
@@ -221,7 +221,7 @@ def lr_weighted(
         running_max: weigh by ``max_{s<=t} lr_s`` (Schedule-Free) instead of ``lr_t``.
         total_steps: only for :mod:`polyak.jax` (see :func:`weighted`).
 
-    Example:
+    Examples:
         >>> warm = lr_weighted(lambda t: min(1.0, t / 2))   # lr 0.5, 1, 1, ...: weights 1/4, 1, 1
         >>> round(warm(2), 12), round(warm(3), 12)
         (0.2, 0.555555555556)

@@ -165,7 +165,7 @@ def bema(
     Returns:
         a :class:`BEMA` schedule: pass it as a ``decay`` (alone, in a list or in a dict).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> from polyak.averages import bema
         >>> model = torch.nn.Linear(3, 1)

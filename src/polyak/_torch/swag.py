@@ -73,10 +73,11 @@ class SWAG:
         start_step: collect only at optimizer steps after this one (SWAG starts late in training,
             from a pretrained solution or at a high constant learning rate).
         update_every: collect every this many optimizer steps (Maddox et al.: once per epoch).
-        include, exclude: glob pattern(s) over canonical parameter names.
+        include: glob pattern(s) over canonical parameter names: only these are tracked.
+        exclude: glob pattern(s) of parameters not to track.
         dtype: dtype of the moments (float32 at least is advised).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> model = torch.nn.Linear(4, 2)
         >>> swag = polyak.SWAG(model, rank=3)

@@ -111,7 +111,7 @@ class EMACallback(TrainerCallback, ExportableState):
             (:func:`polyak.averages.bema`): evaluation and exports then use its corrected weights.
         **ema_kwargs: any other :class:`polyak.EMA` argument.
 
-    Example:
+    Examples:
         >>> from polyak.integrations.transformers import EMACallback
         >>> cb = EMACallback(decay=0.999, evaluate="both")                  # doctest: +SKIP
         >>> trainer = Trainer(model=model, args=args, callbacks=[cb], ...)  # doctest: +SKIP

@@ -50,13 +50,16 @@ def swag_predictions(
         bn_loader: training batches for the BatchNorm statistics (required if the model has
             BatchNorm layers).
         bn_batches: batches of ``bn_loader`` to use (default: all).
-        scale, covariance, generator: as in :meth:`polyak.SWAG.sample`.
-        transform, forward: as in :func:`polyak.ensemble_predictions`.
+        scale: as in :meth:`polyak.SWAG.sample`.
+        covariance: as in :meth:`polyak.SWAG.sample`.
+        generator: as in :meth:`polyak.SWAG.sample`.
+        transform: as in :func:`polyak.ensemble_predictions`.
+        forward: as in :func:`polyak.ensemble_predictions`.
 
     Returns:
         :class:`polyak.workflows.EnsemblePredictions` (mean probabilities, targets).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> net = torch.nn.Linear(4, 3)
         >>> swag = polyak.SWAG(net, rank=2)

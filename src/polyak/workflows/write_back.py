@@ -58,7 +58,7 @@ class WriteBack:
         average: which average (default: the first, ``ema.names[0]``).
         restart: restart the averages after writing (PMA-style).
 
-    Example:
+    Examples:
         >>> from polyak.workflows import WriteBack
         >>> wb = WriteBack(every=2, unit="epochs", start=1, end=7)
         >>> [c for c in range(1, 10) if wb.due(c)]

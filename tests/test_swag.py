@@ -171,3 +171,25 @@ def test_swag_predictions_is_the_loop_it_stands_for_and_gives_the_model_back():
     torch.testing.assert_close(got.probs, (sum(probs) / 4).float())
     with pytest.raises(ValueError, match="bn_loader"):
         swag_predictions(swag, model, test, samples=1)
+
+
+def test_frozen_parameters_are_not_stored_and_samples_leave_them():
+    """A parameter that does not require grad when SWAG is built never moves: its Gaussian is
+    a point mass, so it is neither stored nor drawn."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
+    swag = polyak.SWAG(model, rank=2)
+    assert swag.names == ["1.weight", "1.bias"]
+    whole = polyak.SWAG(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)), rank=2)
+    assert swag.nbytes < whole.nbytes  # the frozen layer has no rows
+    for _ in range(3):
+        with torch.no_grad():
+            model[1].weight.add_(torch.randn(2, 3))
+        swag.update()
+    swag.sample(model, generator=torch.Generator().manual_seed(0))
+    for k, v in model[0].state_dict().items():
+        assert torch.equal(v, frozen[k])
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        polyak.SWAG(model)

@@ -163,8 +163,10 @@ def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str
 
     out = Path(args.out)
     with _caught() as more:
-        recs = posthoc.reconstruct_many(
-            args.directory, args.sigma_rel, decays=args.decay, step=args.step
+        recs = list(
+            posthoc.reconstruct_many(
+                args.directory, args.sigma_rel, decays=args.decay, step=args.step
+            ).values()
         )
     _warn(caught + more)
     try:

@@ -29,6 +29,8 @@ from polyak.posthoc.reader import DTYPES
 __all__ = ["Entry", "SafetensorsFile", "dtype_code"]
 
 _MAX_HEADER = 100 << 20
+_ADVISE = hasattr(os, "posix_fadvise")
+_AHEAD = 16 << 20  # bytes asked ahead of the reads: the disk reads large stretches per file
 _CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -71,6 +73,7 @@ class SafetensorsFile:
             header = self._header()
             self.metadata = self._metadata(header.pop("__metadata__", {}))
             self.entries = self._entries(header)
+            self._advised = 0
         except BaseException:
             handle.close()
             raise
@@ -143,6 +146,11 @@ class SafetensorsFile:
         n = (end - begin) * size
         view = memoryview(buffer)[:n]
         at = self.data_start + e.begin + begin * size
+        if _ADVISE and at + n > self._advised - _AHEAD // 2:
+            # the merge reads every file front to back, a span at a time from each in turn:
+            # let the kernel fetch the next stretch of this one while the others are read
+            os.posix_fadvise(self._f.fileno(), at, _AHEAD, os.POSIX_FADV_WILLNEED)
+            self._advised = at + _AHEAD
         got = 0
         while got < n:
             k = os.preadv(self._f.fileno(), [view[got:]], at + got)

@@ -1,12 +1,11 @@
 """``merge``: the weighted average of saved checkpoints, streamed, in bounded memory.
 
-For each tensor, span by span (:data:`SPAN` elements), the span is read from every source of
-non-zero weight into one buffer and added to an accumulator, ``acc += w_i x_i``, in float32
-(float64 on request, or when a source is float64), then cast and appended to its output file.
-So memory holds one span of the accumulator, one of the sources' bytes and one of the output,
-whatever the number and size of the checkpoints, and every input byte is read once. Integer
-tensors (step counters, ``num_batches_tracked``) are copied from the latest source, never
-averaged.
+For each tensor, span by span, the span is read from every source of non-zero weight and added
+to an accumulator, ``acc += w_i x_i``, in float32 (float64 on request, or when a source is
+float64), then cast and appended to its output file (:mod:`polyak.merge._engine`: a thread
+reads the next span while this one is added). Memory holds a fixed budget of spans, whatever the
+number and size of the checkpoints, and every input byte is read once. Integer tensors (step
+counters, ``num_batches_tracked``) are copied from the latest source, never averaged.
 
 Before any output is created, every source's tensors are checked against the latest source's
 (the first missing, extra or differently shaped tensor is named, with the source and shapes),
@@ -19,7 +18,6 @@ place (the files are staged and only renamed into place when all are complete).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,15 +27,15 @@ import torch
 
 from polyak import files
 from polyak._horizon import integer
-from polyak.errors import CheckpointError, NonFiniteError
+from polyak.errors import CheckpointError
+from polyak.merge._engine import stream
 from polyak.merge._source import Source
 from polyak.merge._writer import INDEX, ShardWriter, plan_shards
 from polyak.merge.sources import open_sources
 from polyak.merge.weights import Weights, explicit
 
-__all__ = ["SPAN", "MergePlan", "MergeResult", "merge", "prepare"]
+__all__ = ["MergePlan", "MergeResult", "merge", "prepare"]
 
-SPAN = 1 << 17  # elements per span: the accumulator and the read buffer stay in the L2 cache
 _CONFIGS = ("config.json", "generation_config.json")  # copied from the latest Hugging Face folder
 _WEIGHT_FILES = re.compile(
     r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
@@ -257,29 +255,20 @@ class MergePlan:
     def run(self) -> MergeResult:
         """Stream the merge into staged files and put them in place together."""
         latest, w = self.sources[-1], self.weights
-        active = [(s, float(x)) for s, x in zip(self.sources, w.values) if x != 0.0]
-        buffer = bytearray(SPAN * 8)
-        averaged: list[str] = []
-        copied: list[str] = []
         self.out.mkdir(parents=True, exist_ok=True)
         with files.Outputs() as staged:
             meta = _metadata(self.sources, w, self._accumulate)
             writer = ShardWriter(self.out, self._shards, meta, staged)
             try:
-                for name, out_dtype, shape in self.tensors:
-                    n = math.prod(shape)
-                    if _floating(latest.tensors[name][0]):
-                        _average(name, n, active, self._accumulate, out_dtype, buffer, writer)
-                        averaged.append(name)
-                    else:
-                        _copy(name, n, latest, buffer, writer)
-                        copied.append(name)
+                averaged, copied = stream(
+                    self.tensors, self.sources, w.values, self._accumulate, writer.write
+                )
                 written = writer.finish()
             finally:
                 writer.close()
-            assert latest.folder is not None or not self._configs
             for c in self._configs:
-                written.append(_copy_config(latest.folder / c, self.out / c, self._dtype, staged))  # type: ignore[operator]
+                assert latest.folder is not None  # configs come from a folder
+                written.append(_copy_config(latest.folder / c, self.out / c, self._dtype, staged))
             staged.commit()
         return MergeResult(self.out, written, [s.name for s in self.sources],
                            [s.step for s in self.sources], w, averaged, copied,
@@ -311,50 +300,6 @@ def prepare(
     _check_sources(opened)
     max_shard_bytes = integer("max_shard_bytes", max_shard_bytes, 1)
     return MergePlan(opened, w, Path(out), dtype, accumulate, max_shard_bytes)
-
-
-def _average(
-    name: str,
-    numel: int,
-    active: list[tuple[Source, float]],
-    accumulate: torch.dtype,
-    out_dtype: torch.dtype,
-    buffer: bytearray,
-    writer: ShardWriter,
-) -> None:
-    """``sum_i w_i x_i`` of one tensor, span by span, appended to the output."""
-    wide = accumulate
-    if any(s.tensors[name][0] == torch.float64 for s, _ in active):
-        wide = torch.float64
-    acc = torch.empty(min(SPAN, max(numel, 1)), dtype=wide)
-    for a in range(0, max(numel, 1), SPAN):
-        b = min(a + SPAN, numel)
-        part = acc[: b - a]
-        part.zero_()
-        for s, x in active:
-            part.add_(s.read(name, a, b, buffer), alpha=x)
-        if not bool(torch.isfinite(part.sum())) and not bool(torch.isfinite(part).all()):
-            raise _nonfinite(name, a, b, active, buffer)
-        writer.write(name, part if out_dtype == wide else part.to(out_dtype))
-
-
-def _nonfinite(
-    name: str, a: int, b: int, active: list[tuple[Source, float]], buffer: bytearray
-) -> NonFiniteError:
-    """The error naming the source(s) whose span of ``name`` holds inf/nan."""
-    bad = [s.name for s, _ in active if not bool(torch.isfinite(s.read(name, a, b, buffer)).all())]
-    where = ", ".join(bad) if bad else "the weighted sum (it overflows)"
-    return NonFiniteError(
-        f"tensor {name!r} holds inf/nan in {where}; nothing was written. Leave that checkpoint "
-        "out of the merge (or give it the weight 0)",
-        [name],
-    )
-
-
-def _copy(name: str, numel: int, latest: Source, buffer: bytearray, writer: ShardWriter) -> None:
-    """An integer tensor, copied from the latest source."""
-    for a in range(0, max(numel, 1), SPAN):
-        writer.write(name, latest.read(name, a, min(a + SPAN, numel), buffer))
 
 
 def _copy_config(src: Path, dst: Path, dtype: torch.dtype | None, staged: files.Outputs) -> Path:

@@ -73,8 +73,8 @@ def merge_run(cfg: StudyConfig, split: Any, seed: int) -> dict[str, Any]:
     n = total - window
     every = max(1, round(SPACING * window))
     gen = torch.Generator().manual_seed(20_000 + seed)
-    batches = [idx for _ in range(cfg.epochs)
-               for idx in torch.randperm(len(split.x_train), generator=gen).split(cfg.batch_size)]  # fmt: skip
+    order = [torch.randperm(len(split.x_train), generator=gen) for _ in range(cfg.epochs)]
+    batches = [idx for perm in order for idx in perm.split(cfg.batch_size)]
 
     def train(m: nn.Module, o: torch.optim.Optimizer, steps: range, rate: Any) -> None:
         m.train()

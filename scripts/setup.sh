@@ -5,14 +5,15 @@
 #                                  #     diffusers, timm) for the differential tests, JAX
 #                                  #     (jax, optax, flax, equinox: polyak.jax and its peers) and
 #                                  #     the frameworks the callbacks integrate with (lightning,
-#                                  #     transformers, accelerate; none needs torchvision)
+#                                  #     transformers, accelerate; none needs torchvision) and
+#                                  #     the docs site's tools (mkdocs, scripts/docs.sh)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="torch,study"
-if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev,jax"; fi
+if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev,docs,jax"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)

@@ -40,7 +40,7 @@ def scored(score: Callable[[dict[str, torch.Tensor]], object], state: dict[str, 
            what: str) -> float:  # fmt: skip
     """``score(state)`` as a finite float, or :class:`ScoreError` naming ``what`` was scored.
 
-    Example:
+    Examples:
         >>> scored(lambda sd: float(sd["w"].sum()), {"w": torch.ones(3)}, "the soup")
         3.0
     """
@@ -125,7 +125,7 @@ def greedy_soup(
     Raises:
         ScoreError: the scorer raised or returned a non-finite number (naming what it scored).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib, torch
         >>> from safetensors.torch import save_file
         >>> d = pathlib.Path(tempfile.mkdtemp())

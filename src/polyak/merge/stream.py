@@ -193,7 +193,7 @@ def merge(
         NonFiniteError: a source holds inf/nan in a tensor averaged (named); nothing written.
         ValueError: bad weights, dtype or output folder.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib, torch
         >>> from safetensors.torch import save_file, load_file
         >>> d = pathlib.Path(tempfile.mkdtemp())

@@ -112,7 +112,7 @@ def explicit(values: Sequence[float]) -> Weights:
     Refused (``ValueError`` naming the position and the reason): a weight that is negative,
     NaN or infinite, no weight at all, or weights that sum to 0.
 
-    Example:
+    Examples:
         >>> explicit([1, 1, 2]).values.tolist()
         [0.25, 0.25, 0.5]
     """
@@ -164,7 +164,7 @@ def lawa(steps: Sequence[int] | int, k: int) -> Weights:
         steps: the checkpoints' steps, or their number when the steps are not known.
         k: how many of the latest to average.
 
-    Example:
+    Examples:
         >>> lawa([100, 200, 300, 400], k=2).values.tolist()
         [0.0, 0.0, 0.5, 0.5]
         >>> lawa(3, k=3).values.tolist()  # three checkpoints of unknown steps
@@ -255,7 +255,7 @@ def ema(
         gammas: when the checkpoints are snapshots of power averages (a post-hoc store), each
             one's exponent; the coefficients are then EDM2's least-squares ones.
 
-    Example:
+    Examples:
         >>> w = ema(range(0, 1001), decay=0.99)  # a checkpoint at every step: exact
         >>> w.fit, round(w[-1], 6)
         (0.0, 0.01)
@@ -279,7 +279,7 @@ def power(
 
     Arguments as :func:`ema`.
 
-    Example:
+    Examples:
         >>> w = power(range(0, 4001, 100), sigma_rel=0.1)  # the last 100 steps weigh 18%
         >>> round(sum(w), 12), round(w.fit, 3)
         (1.0, 0.09)
@@ -329,7 +329,7 @@ def wsm(
         ValueError: the window starts before the first checkpoint (one is needed at or before
             step ``T - window``), or a shape that increases (a negative weight).
 
-    Example:
+    Examples:
         >>> w = wsm([800, 850, 900, 950, 1000], "linear", window=200)
         >>> [round(v, 4) for v in w], sum(w)
         ([0.1225, 0.25, 0.25, 0.25, 0.1275], 1.0)

@@ -261,7 +261,7 @@ def profile_sigma_rel(target: Target, t: float) -> float:
     truncated to ``[0, t]``, of variance ``(1 - a**2 e**-a / (1 - e**-a)**2) / lam**2``: about
     ``1 / a`` for a run much longer than the horizon, up to the uniform average's ``12**-0.5``.
 
-    Example:
+    Examples:
         >>> round(profile_sigma_rel(Target.make(0.1), 1000.0), 4)
         0.1
         >>> round(profile_sigma_rel(Target.make(decay=0.999), 100_000.0), 4)

@@ -58,7 +58,7 @@ class Reconstructions(Mapping[str, Reconstruction]):
     gammas, then decays). A number looks up a ``sigma_rel`` (``recs[0.08]``), and a
     :class:`~polyak.posthoc.Target` its own label.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)

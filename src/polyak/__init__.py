@@ -27,7 +27,7 @@ from polyak.errors import (
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
-    from polyak import averages, metrics, posthoc, presets
+    from polyak import averages, merge, metrics, posthoc, presets
     from polyak._torch.ema import EMA
     from polyak._torch.swag import SWAG
     from polyak.posthoc import PostHocEMA
@@ -58,6 +58,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ensemble_predictions": ("polyak.workflows", "ensemble_predictions"),
     "PostHocEMA": ("polyak.posthoc", "PostHocEMA"),
     "posthoc": ("polyak.posthoc", None),
+    "merge": ("polyak.merge", None),
 }
 
 # An optional dependency (top-level module) -> the extra that installs it.
@@ -80,6 +81,7 @@ __all__ = [
     "ensemble_predictions",
     "evaluate",
     "hard_update_",
+    "merge",
     "metrics",
     "posthoc",
     "presets",

@@ -48,7 +48,7 @@ _RUL = {"epochs": 60, "seeds": 5, "batch_size": 256, "lr": 1e-3, "val_fraction":
 _RUL_QUICK = {"epochs": 8, "seeds": 2, "patience": 3}
 _NOT_RUL = ("dataset", "train_size", "test_size", "model", "noise", "momentum", "weight_decay",
             "decays", "average", "ece_bins", "regression", "regression_splits",
-            "posthoc", "methods")  # fmt: skip
+            "posthoc", "methods", "merge")  # fmt: skip
 _ONLY_RUL = ("subset", "patience")
 
 
@@ -135,6 +135,12 @@ class StudyConfig:
         metadata={"help": "also compare BEMA, SWAG (K=10, 8 draws) and write-back (Switch EMA, "
                   "PMA-style restarts; runs of their own) with the plain EMA, each chosen on "
                   "the validation split"},
+    )  # fmt: skip
+    merge: bool = field(
+        default=True,
+        metadata={"help": "also train each seed with a constant learning rate and with a decay "
+                  "over its last 20%% of steps, and merge the constant run's checkpoints "
+                  "(WSM, LAWA, EMA-equivalent weights) instead of decaying"},
     )  # fmt: skip
     out: str = field(default="polyak-study", metadata={"help": "output directory"})
     quick: bool = field(

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from polyak.cli.study.merge_report import merge_findings, merge_section
 from polyak.cli.study.methods_report import methods_findings, methods_section
 from polyak.cli.study.plots import POSTHOC_PNG
 from polyak.cli.study.posthoc_report import posthoc_findings, posthoc_section
@@ -84,6 +85,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         )
     lines += posthoc_findings(results)
     lines += methods_findings(results)
+    lines += merge_findings(results)
     reg = results.get("regression")
     if reg:
         for name, s in reg["settings"].items():
@@ -241,6 +243,7 @@ def write_report(results: dict[str, Any], plots: list[str], out: Path) -> Path:
         *(f"![{p}]({p})\n" for p in plots if p != POSTHOC_PNG),
         *posthoc_section(results),
         *methods_section(results),
+        *merge_section(results),
         "## Caveats",
         "",
         CAVEATS,

@@ -31,6 +31,7 @@ from polyak.cli.study.classify import LIVE, make_split, train_run
 from polyak.cli.study.cmapss import load_cmapss
 from polyak.cli.study.config import StudyConfig
 from polyak.cli.study.data import Dataset, resolve_dataset
+from polyak.cli.study.merge_decay import merge_run, summarise_merge
 from polyak.cli.study.methods import WRITE_BACKS, train_write_back
 from polyak.cli.study.methods_report import summarise_methods
 from polyak.cli.study.plots import write_plots
@@ -128,6 +129,8 @@ def _job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, float]:
     elif job[0] == "wb":
         _, noise, seed, variant = job
         result = train_write_back(cfg, _SHARED["splits"][noise], seed, variant)
+    elif job[0] == "merge":
+        result = merge_run(cfg, _SHARED["splits"][min(cfg.noise)], job[1])
     elif job[0] == "rul":
         result = train_rul_seed(
             _SHARED["rul"], job[1], epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -150,7 +153,7 @@ def _execute(jobs: list[tuple[Any, ...]], workers: int) -> Iterator[tuple[Any, .
         return
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
         # the longest jobs first, so that the two workers finish together
-        futures = [pool.submit(_job, j) for j in sorted(jobs, key=lambda j: j[0] != "cls")]
+        futures = [pool.submit(_job, j) for j in sorted(jobs, key=lambda j: j[0] == "reg")]
         try:
             for future in as_completed(futures):
                 yield future.result()
@@ -170,8 +173,9 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         return _run_rul(plan, data)
     tty = cfg.progress and sys.stderr.isatty()
     reg_units = len(SETTINGS) * cfg.regression_splits if cfg.regression else 0
-    progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units, "study",
-                        enabled=tty)  # fmt: skip
+    merge_units = cfg.seeds * cfg.epochs if cfg.merge else 0
+    progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units + merge_units,
+                        "study", enabled=tty)  # fmt: skip
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     reg_splits = range(cfg.first_seed, cfg.first_seed + cfg.regression_splits)
 
@@ -181,11 +185,13 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         jobs += [("reg", name, i) for name in SETTINGS for i in reg_splits]
     if cfg.methods:
         jobs += [("wb", n, seed, v) for n in cfg.noise for seed in seeds for v in WRITE_BACKS]
+    if cfg.merge:
+        jobs += [("merge", seed) for seed in seeds]
     _SHARED.update(cfg=cfg, splits=splits)
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
         done[job] = result
-        progress.update({"cls": cfg.epochs, "reg": 1}.get(job[0], 0))
+        progress.update({"cls": cfg.epochs, "reg": 1, "merge": cfg.epochs}.get(job[0], 0))
         if cfg.progress and not tty and job[0] == "cls":
             acc = {m: f"{s['acc']:.3f}" for m, s in result["final"].items() if "+bn" not in m}
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",
@@ -223,6 +229,8 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         "methods": {n: summarise_methods(r, [v for k, v in done.items() if k[0] == "wb"
                                              and str(k[1]) == n], summary[n])
                     for n, r in runs.items()} if cfg.methods else None,
+        "merge": {"noise": min(cfg.noise), **summarise_merge([done[("merge", s)] for s in seeds]),
+                  "runs": [done[("merge", s)] for s in seeds]} if cfg.merge else None,
     }  # fmt: skip
     results["wall_time_s"] = time.perf_counter() - plan.started
     plots = write_plots(results, reliability, out)

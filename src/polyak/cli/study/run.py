@@ -191,7 +191,8 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
         done[job] = result
-        progress.update({"cls": cfg.epochs, "reg": 1, "merge": cfg.epochs}.get(job[0], 0))
+        # write-back runs ("wb") are not in the progress total
+        progress.update({"reg": 1, "wb": 0}.get(job[0], cfg.epochs))
         if cfg.progress and not tty and job[0] == "cls":
             acc = {m: f"{s['acc']:.3f}" for m, s in result["final"].items() if "+bn" not in m}
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",

@@ -39,7 +39,7 @@ from polyak._torch.flat_params import describe_skipped, flatten_
 from polyak._torch.groups import Gate, Group, plan_groups
 from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
 from polyak._torch.segments import Segment
-from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
+from polyak._torch.sharding import Shard, fsdp_modules, reshard, same_local, shard_info
 from polyak._torch.storage import Averages, all_finite, wide
 from polyak._torch.watch import Watch, diff
 from polyak.errors import ModelChangedError, NonFiniteError
@@ -136,8 +136,8 @@ class Binding:
                 )
         averaged, copied = self._members("average"), self._members("copy")
         sharded = {e.name for e, t in zip(self.entries, self.lives) if e.raw() is not t}
-        self.shards: dict[str, ShardInfo] = {
-            e.name: info for e in self.entries if (info := shard_info(e.raw())) is not None
+        self.shards: dict[str, Shard] = {
+            e.name: info for e in self.entries if (info := shard_info(e.raw(), e.name)) is not None
         }
         if p.flat_params:
             plans = ((self.averages.averaged, averaged), (self.averages.copied, copied))
@@ -195,7 +195,7 @@ class Binding:
         if self.fsdp:
             reshard(self.fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
         if self.watch.changed() or (
-            self.sharded and any(e.get() is not self.lives[i] for i, e in self.sharded)
+            self.sharded and any(not same_local(e.raw(), self.lives[i]) for i, e in self.sharded)
         ):
             self.refresh()
 
@@ -217,7 +217,7 @@ class Binding:
         _, entries, lives = selection
         if (
             self.watch.changed()
-            or any(a is not b for a, b in zip(lives, self.lives))
+            or any(not same_local(e.raw(), b) for e, b in zip(entries, self.lives))
             or diff(self.entries, entries, self.shapes(), lives) is not None
         ):
             self.refresh(selection)

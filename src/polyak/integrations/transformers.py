@@ -179,7 +179,7 @@ class EMACallback(TrainerCallback, ExportableState):
             where = os.path.join(directory, "trainer_state.json")
             run = recorded_run(state.stateful_callbacks, type(self).__name__, where)
             self._load(directory, run, state.global_step, at="the Trainer resumes at")
-        self._avg.count_steps(kwargs["optimizer"])
+        self._avg.count_steps(kwargs["optimizer"], trainer.model_wrapped)  # DeepSpeed: its engine
 
     def on_step_end(
         self,
@@ -234,12 +234,15 @@ class EMACallback(TrainerCallback, ExportableState):
         """Write the evaluated average with the model's own ``save_pretrained`` (same keys,
         dtype, config, sharded safetensors), so ``from_pretrained(save_directory)`` loads it.
 
-        ``kwargs`` go to ``save_pretrained`` (``max_shard_size``, ``is_main_process``, ...).
+        ``kwargs`` go to ``save_pretrained`` (``max_shard_size``, ...); the process that writes
+        is the one the Trainer saves from (``is_main_process=args.should_save`` unless given).
+        Distributed (DDP, FSDP2, ZeRO-3, whose partitions are gathered), every rank calls it.
         """
         if self._trainer is None or not self._avg.has_average():
             raise RuntimeError("EMACallback.save_pretrained: no average yet; train first")
         model = self._trainer.model
         state = state_dict_of_average(self._avg, model)
+        kwargs.setdefault("is_main_process", self._trainer.args.should_save)
         model.save_pretrained(save_directory, state_dict=state, **kwargs)
 
     # ----------------------------------------------------------------- internals

@@ -1,0 +1,322 @@
+"""DeepSpeed on CPU for tests/test_deepspeed.py: process setup, configs, and the worker functions
+(each runs in spawned processes, gloo).
+
+Setup facts (DeepSpeed 0.19, CPU): ``DS_ACCELERATOR=cpu`` picks the CPU accelerator, whose
+communication backend is gloo; ``deepspeed.comm.torch.build_shm_op`` JIT-compiles a C++ op for
+about two minutes that only ``inference_all_reduce`` uses, so it is replaced by a no-op on the
+module object before ``init_distributed``; ``deepspeed.initialize`` asserts on ``LOCAL_RANK``,
+which no launcher sets here. DeepSpeed clips gradients at norm 1.0 by default: the configs set
+``gradient_clipping: 0`` so that a plain torch run is the reference.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import polyak
+from dist_workers import COLLECTIVES
+
+DECAYS = {"a": 0.9, "p": polyak.schedules.power(sigma_rel=0.1)}
+DIMS = (13, 31, 5, 3)  # odd sizes: ZeRO-3 partitions are padded
+
+
+def environment(rank: int, world: int, port: int | None = None) -> None:
+    """The variables a launcher would set, DeepSpeed on CPU, one thread, quiet logs."""
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        ACCELERATE_USE_CPU="false",
+    )
+    if port is not None:
+        os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
+    warnings.filterwarnings("ignore", message=".*barrier.*")
+    import deepspeed
+    import deepspeed.comm.torch  # the module object (deepspeed.comm.torch is the torch package)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no 2-minute JIT build
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def run(rank: int, world: int, init_file: str, fn: Callable[..., Any], *args: Any) -> None:
+    """A plain DeepSpeed process: the gloo group from a file, then DeepSpeed's comm on it."""
+    environment(rank, world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        fn(rank, world, *args)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_launched(rank: int, world: int, port: int, fn: Callable[..., Any], *args: Any) -> None:
+    """A process as a launcher starts it (environment only): the framework under test (HF
+    Trainer, Accelerate) initialises the process group itself."""
+    environment(rank, world, port)
+    try:
+        fn(rank, world, *args)
+        gc.collect()
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class CountCollectives:
+    """Counts calls of the collectives of torch.distributed and of deepspeed.comm while active
+    (DeepSpeed binds some torch functions at start-up: its own layer is counted too)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> CountCollectives:
+        import deepspeed.comm as ds_comm
+
+        ds_names = [
+            n
+            for n in dir(ds_comm)
+            if re.search(r"gather|scatter|reduce|broadcast|barrier|all_to_all|send|recv", n)
+            and callable(getattr(ds_comm, n))
+            and not n[0].isupper()
+        ]
+        for module, names in ((dist, COLLECTIVES), (ds_comm, ds_names)):
+            for name in names:
+                fn = getattr(module, name)
+                self._saved.append((module, name, fn))
+
+                def wrapped(*a: Any, _fn: Any = fn, **k: Any) -> Any:
+                    self.count += 1
+                    return _fn(*a, **k)
+
+                setattr(module, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, name, fn in self._saved:
+            setattr(module, name, fn)
+        self._saved.clear()
+
+
+def net(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    a, b, c, d = DIMS
+    return nn.Sequential(
+        nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c), nn.ReLU(), nn.Linear(c, d)
+    ).to(dtype)
+
+
+def config(stage: int, **zero: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, **zero},
+    }
+    if "offload_optimizer" in zero or "offload_param" in zero:
+        out["zero_force_ds_cpu_optimizer"] = False  # keep the torch optimizer (no cpu_adam JIT)
+    return out
+
+
+def batches(n: int, seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` global batches of 8; each rank trains on its slice."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, DIMS[0], generator=gen), torch.randn(8, DIMS[-1], generator=gen))
+        for _ in range(n)
+    ]
+
+
+def train_step(
+    engine: Any, batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int
+) -> None:
+    x, y = batch
+    out = engine(x.chunk(world)[rank].to(engine.module[0].weight.dtype))
+    loss = nn.functional.mse_loss(out.float(), y.chunk(world)[rank])
+    engine.backward(loss)
+    engine.step()
+
+
+def full_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's live weights, gathered (outside any counted update)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    stage3 = hasattr(params[0], "ds_tensor")
+    with deepspeed.zero.GatheredParameters(params, enabled=stage3):
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def initialize(model: nn.Module, cfg: dict[str, Any], lr: float = 1e-2) -> Any:
+    import deepspeed
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    return engine
+
+
+class Reference:
+    """A single-process plain-torch run (or a replay of given weights) with its float64 EMA."""
+
+    def __init__(self, initial: dict[str, torch.Tensor] | None = None) -> None:
+        self.model = net()
+        if initial is not None:
+            self.model.load_state_dict({k: v.float() for k, v in initial.items()})
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.ema = polyak.EMA(self.model, DECAYS, dtype=torch.float64)
+
+    def train(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
+        nn.functional.mse_loss(self.model(x), y).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.ema.update()
+
+    def replay(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict({k: v.float() for k, v in weights.items()})
+        self.ema.update()
+
+
+STAGES: dict[str, tuple[dict[str, Any], str]] = {
+    # name: (DeepSpeed config, what the EMA is built on)
+    "zero1": (config(1), "engine"),
+    "zero2": (config(2), "module"),
+    # ZeRO-3 with small parameters kept gathered between steps (ds_persist) and large ones not
+    "zero3": (config(3, stage3_param_persistence_threshold=40), "engine"),
+    "zero3-all-persistent": (config(3), "module"),  # DeepSpeed's default threshold (1e5)
+    "zero3-none-persistent": (config(3, stage3_param_persistence_threshold=0), "engine"),
+    "zero3-offload": (
+        config(
+            3,
+            stage3_param_persistence_threshold=40,
+            offload_param={"device": "cpu"},
+            offload_optimizer={"device": "cpu"},
+        ),
+        "engine",
+    ),
+    "zero3-bf16": (
+        {**config(3, stage3_param_persistence_threshold=40), "bf16": {"enabled": True}},
+        "engine",
+    ),
+    # the model partitioned by zero.Init and the EMA built before deepspeed.initialize, which
+    # moves every partition into the optimizer's flat buffer
+    "zero3-init": (config(3, stage3_param_persistence_threshold=40), "before"),
+}
+STEPS = 6
+PROBE = torch.randn(4, DIMS[0], generator=torch.Generator().manual_seed(3))
+
+
+def _cloned(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    return state
+
+
+def _swap_checks(engine: Any, ema: polyak.EMA) -> dict[str, Any]:
+    """Swapped evaluation, live weights after it, copy_to, and the refused module views."""
+    params = list(engine.module.parameters())
+    parts = [p.ds_tensor.clone() for p in params]
+    with torch.no_grad():
+        live = engine(PROBE)
+        with ema.swapped(engine.module, "a"):
+            averaged = engine(PROBE)
+        live_again = engine(PROBE)
+    out = {
+        "live": live,
+        "averaged": averaged,
+        "live_again": live_again,
+        "partitions_back": all(torch.equal(p.ds_tensor, q) for p, q in zip(params, parts)),
+        "persistent": sorted(n for n, p in engine.module.named_parameters() if p.ds_persist),
+    }
+    for what, call in (
+        ("get_module", ema.get_module),
+        ("averaged_state_dict", ema.averaged_state_dict),
+    ):
+        try:
+            call("a")
+        except TypeError as e:
+            out[what] = str(e)
+    ema.copy_to(engine.module, "a")
+    with torch.no_grad():
+        out["copied"] = engine(PROBE)
+    return out
+
+
+def stages_match_a_plain_run(rank: int, world: int, out: str) -> None:
+    """Every ZeRO stage and variant: 6 steps of training, an EMA updated after each (its
+    collectives counted), gathered, against a single-process plain-torch run of the same
+    training (bf16: a replay of the engine's own gathered weights)."""
+    import deepspeed
+
+    results: dict[str, Any] = {}
+    data = batches(STEPS)
+    for name, (cfg, build) in STAGES.items():
+        if build == "before":
+            with deepspeed.zero.Init(config_dict_or_path=cfg):
+                model = net()
+            ema = polyak.EMA(model, DECAYS)
+            engine = initialize(model, cfg)
+        else:
+            engine = initialize(net(), cfg)
+            ema = polyak.EMA(engine if build == "engine" else engine.module, DECAYS)
+        ref = Reference(full_weights(engine) if "bf16" in name else None)
+        counted, trained = CountCollectives(), CountCollectives()
+        for batch in data:
+            with trained:
+                train_step(engine, batch, rank, world)
+            with counted:
+                ema.update()
+            if "bf16" in name:
+                ref.replay(full_weights(engine))
+            else:
+                ref.train(batch)
+        layout = ema.layout()
+        sizes = [None] * world
+        dist.all_gather_object(
+            sizes, (ema.nbytes, sum(t.shape[0] for t in layout.values() if t.sharded))
+        )
+        result = {
+            "full": ema.state_dict(full=True),
+            "ref": ref.ema.state_dict(),
+            "update_collectives": counted.count,
+            "train_collectives": trained.count,
+            "sizes": sizes,
+            "names": list(layout),
+            "layout": {
+                n: (t.shape, t.global_shape, t.offset, t.flat_offset, t.sharded)
+                for n, t in layout.items()
+            },
+        }
+        if name == "zero3":
+            result.update(_swap_checks(engine, ema))
+        results[name] = _cloned(result)
+        engine.destroy()
+    if rank == 0:
+        torch.save(results, out)

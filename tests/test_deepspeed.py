@@ -1,0 +1,110 @@
+"""DeepSpeed ZeRO-1/2/3 on CPU: 2 (or 3) processes, gloo. Shard-local averages with no
+collective per update, equal to a single-process plain-torch EMA; swapped evaluation; save and
+load across world sizes, stages and FSDP2; sharded teacher/target pairs; the HF Trainer and
+Accelerate with a DeepSpeed config. Each spawned group runs several configurations (the first
+``deepspeed.initialize`` of a process costs 5-9 s)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import polyak
+
+deepspeed = pytest.importorskip("deepspeed")
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="needs gloo"),
+    pytest.mark.slow,
+]
+
+
+def spawn(tmp_path, fn, *args, world=2):
+    from deepspeed_workers import run
+
+    init = tmp_path / f"init-{fn.__name__}-{world}"
+    mp.spawn(run, args=(world, str(init), fn, *args), nprocs=world, join=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    from deepspeed_workers import stages_match_a_plain_run
+
+    tmp = tmp_path_factory.mktemp("stages")
+    spawn(tmp, stages_match_a_plain_run, str(tmp / "stages.pt"))
+    return torch.load(tmp / "stages.pt", weights_only=True)
+
+
+def test_every_stage_equals_a_plain_single_process_ema_with_no_collective_per_update(stages):
+    from deepspeed_workers import STAGES, net
+
+    numel = sum(p.numel() for p in net().parameters())
+    for name in STAGES:
+        res = stages[name]
+        assert res["train_collectives"] > 0, name  # the counter sees DeepSpeed's collectives
+        assert res["update_collectives"] == 0, name
+        assert res["names"] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+        for avg, table in res["ref"]["averages"].items():
+            for k, ref in table.items():
+                got = res["full"]["averages"][avg][k]
+                assert got.dtype == torch.float32 and got.shape == ref.shape, (name, k)
+                torch.testing.assert_close(
+                    got.double(), ref, rtol=0, atol=1e-6, msg=f"{name} {avg} {k}"
+                )
+        (bytes0, held0), (bytes1, held1) = res["sizes"]
+        if name.startswith("zero3"):  # each rank holds its partition: model / world
+            assert held0 + held1 == numel, name
+            assert held0 == sum(-(-p.numel() // 2) for p in net().parameters())
+            for nbytes, held in res["sizes"]:  # 2 averages in float32, + 64-byte alignment
+                assert 2 * 4 * held <= nbytes <= 2 * 4 * (held + 16 * 6), name
+        else:  # ZeRO-1/2: full replicas
+            assert held0 == held1 == 0 and bytes0 == bytes1 >= 2 * 4 * numel
+
+
+def test_layout_describes_the_flat_partitions(stages):
+    layout = stages["zero3"]["layout"]
+    shape, global_shape, offset, flat, sharded = layout["0.weight"]
+    assert sharded and global_shape == (31, 13) and shape == (202,) and flat == 0
+    assert offset == (0, 0)
+    assert layout["4.bias"][:2] == ((2,), (3,))
+    assert stages["zero2"]["layout"]["0.weight"] == ((31, 13), (31, 13), (0, 0), None, False)
+
+
+def test_swapped_evaluation_under_zero3_gives_the_average_and_the_live_weights_back(stages):
+    from deepspeed_workers import PROBE, net
+
+    res = stages["zero3"]
+    assert res["persistent"] == ["0.bias", "2.bias", "4.bias", "4.weight"]  # gathered between steps
+    assert res["partitions_back"]
+    assert torch.equal(res["live"], res["live_again"])
+    plain = net()
+    ema = polyak.EMA(plain, {"a": 0.9, "p": 0.5})
+    ema.load_state_dict(
+        {
+            **res["full"],
+            "timeline": {
+                **res["full"]["timeline"],
+                "schedules": {
+                    "a": {"kind": "constant", "decay": 0.9},
+                    "p": {"kind": "constant", "decay": 0.5},
+                },
+            },
+        }
+    )
+    with ema.swapped(plain, "a"), torch.no_grad():
+        expected = plain(PROBE)
+    torch.testing.assert_close(res["averaged"], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(res["live"], res["averaged"])
+    torch.testing.assert_close(res["copied"], res["averaged"], rtol=0, atol=0)
+    assert "sharded model" in res["get_module"] and "swapped" in res["get_module"]
+    assert "state_dict(full=True)" in res["averaged_state_dict"]

@@ -320,3 +320,164 @@ def stages_match_a_plain_run(rank: int, world: int, out: str) -> None:
         engine.destroy()
     if rank == 0:
         torch.save(results, out)
+
+
+def fsdp_net() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = net()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def save_resume_and_fsdp(rank: int, world: int, out: str) -> None:
+    """ZeRO-3 run saving at step 3 (per-rank EMA states, a full one, DeepSpeed's checkpoint);
+    resumed from each to step 6; the final full state loaded into FSDP2."""
+    cfg = STAGES["zero3"][0]
+    data = batches(STEPS)
+    engine = initialize(net(), cfg)
+    ema = polyak.EMA(engine, DECAYS)
+    for t, batch in enumerate(data, 1):
+        train_step(engine, batch, rank, world)
+        ema.update()
+        if t == 3:
+            torch.save(_cloned(ema.state_dict()), f"{out}/rank{rank}.pt")
+            full = ema.state_dict(full=True)
+            if rank == 0:
+                torch.save(full, f"{out}/full3.pt")
+            engine.save_checkpoint(f"{out}/ckpt", tag="step3")
+    final = ema.state_dict(full=True, rank0_only=False)  # on every rank
+    engine.destroy()
+    resumed = {}
+    for source in ("rank", "full"):
+        dist.barrier()
+        engine = initialize(net(), cfg)
+        engine.load_checkpoint(f"{out}/ckpt", tag="step3")
+        ema = polyak.EMA(engine, DECAYS)
+        path = f"{out}/rank{rank}.pt" if source == "rank" else f"{out}/full3.pt"
+        ema.load_state_dict(torch.load(path, weights_only=True))
+        for batch in data[3:]:
+            train_step(engine, batch, rank, world)
+            ema.update()
+        resumed[source] = ema.state_dict(full=True)
+        engine.destroy()
+    fsdp = polyak.EMA(fsdp_net(), DECAYS)
+    fsdp.load_state_dict(final)
+    fsdp_full = fsdp.state_dict(full=True)
+    try:
+        fsdp.load_state_dict(torch.load(f"{out}/rank{rank}.pt", weights_only=True))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    if rank == 0:
+        torch.save(final, f"{out}/final.pt")
+        torch.save({"resumed": resumed, "fsdp": fsdp_full, "refused": refused}, f"{out}/out.pt")
+
+
+def load_at_three_ranks(rank: int, world: int, out: str) -> None:
+    """The 2-rank ZeRO-3 state loaded on 3 ranks: full into ZeRO-2 and ZeRO-3, per-rank refused."""
+    final = torch.load(f"{out}/final.pt", weights_only=True)
+    got: dict[str, Any] = {}
+    for stage in (2, 3):
+        engine = initialize(net(), config(stage, stage3_param_persistence_threshold=40))
+        ema = polyak.EMA(engine, DECAYS)
+        ema.load_state_dict(final)
+        got[f"zero{stage}"] = ema.state_dict(full=True)
+        if stage == 3:
+            try:  # rank 2 has its own error; the others learn which rank failed
+                ema.load_state_dict(torch.load(f"{out}/rank{min(rank, 1)}.pt", weights_only=True))
+            except (ValueError, RuntimeError) as e:
+                got["error"] = f"{type(e).__name__}: {e}"
+            errors = [None] * world
+            dist.all_gather_object(errors, got.pop("error", None))
+            got["errors"] = errors
+        engine.destroy()
+    if rank == 0:
+        torch.save(got, f"{out}/three.pt")
+
+
+def _halved(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    return model
+
+
+def _full_fsdp(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def sharded_pairs(rank: int, world: int, out: str) -> None:
+    """A ZeRO-3 target (an engine without optimizer) kept by TargetEMA from a ZeRO-3 online
+    engine, and an FSDP2 pair updated with soft_update_, against unsharded copies; collectives
+    counted; mismatched shardings refused."""
+    import deepspeed
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from polyak.workflows import TargetEMA, hard_update_, soft_update_
+
+    cfg = STAGES["zero3"][0]
+    online = initialize(net(), cfg)
+    target, *_ = deepspeed.initialize(model=_halved(net()), config=cfg)
+    ref = Reference()
+    ref_target = _halved(net())
+    decay = polyak.schedules.warmup(0.9)
+    teacher = TargetEMA(target, online, decay, update_every=2)
+    ref_teacher = TargetEMA(ref_target, ref.model, decay, update_every=2)
+    counted = CountCollectives()
+    outputs = []
+    for batch in batches(STEPS):
+        with torch.no_grad():  # the teacher's forward, as in training: from the second on,
+            outputs.append(target(PROBE) - ref_target(PROBE))  # persistent weights stay gathered
+        train_step(online, batch, rank, world)
+        ref.train(batch)
+        with counted:
+            teacher.update()
+        ref_teacher.update()
+    with torch.no_grad():
+        outputs.append(target(PROBE) - ref_target(PROBE))
+    res: dict[str, Any] = {"target_vs_ref": max(d.abs().max().item() for d in outputs)}
+    res["zero3_target"] = full_weights(target)
+    res["ref_target"] = {k: v.detach().clone() for k, v in ref_target.named_parameters()}
+    res["teacher_collectives"] = counted.count
+    res["teacher_step"] = teacher.timeline.num_updates
+    with counted:
+        hard_update_(target, online)
+    with torch.no_grad():
+        res["hard_out"], res["online_out"] = target(PROBE), online(PROBE)
+    errors = {}
+    for what, (t, o) in {
+        "plain target": (net(), online),
+        "FSDP2 target": (fsdp_net(), online),
+    }.items():
+        try:
+            soft_update_(t, o, tau=0.1)
+        except ValueError as e:
+            errors[what] = str(e)
+    online.destroy()
+    target.destroy()
+    # FSDP2: the same pair, soft-updated shard by shard
+    fsdp_online, fsdp_target = fsdp_net(), _halved(fsdp_net())
+    plain_online, plain_target = net(), _halved(net())
+    with torch.no_grad():
+        fsdp_target(PROBE)  # a no_grad forward leaves the full weights registered
+    with counted:
+        soft_update_(fsdp_target, fsdp_online, tau=0.3)
+        soft_update_(fsdp_target, fsdp_online, decay=0.5)
+    soft_update_(plain_target, plain_online, tau=0.3)
+    soft_update_(plain_target, plain_online, decay=0.5)
+    res["fsdp_target"] = _full_fsdp(fsdp_target)
+    res["plain_target"] = {k: v.detach().clone() for k, v in plain_target.named_parameters()}
+    hybrid = net()  # HSDP: replicated across the 2 ranks, sharded over 1
+    fully_shard(hybrid, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("r", "s")))
+    try:
+        soft_update_(hybrid, fsdp_online, tau=0.1)
+    except ValueError as e:
+        errors["HSDP target"] = str(e)
+    res["errors"] = errors
+    res["collectives"] = counted.count
+    if rank == 0:
+        torch.save(res, out)

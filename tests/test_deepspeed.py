@@ -108,3 +108,76 @@ def test_swapped_evaluation_under_zero3_gives_the_average_and_the_live_weights_b
     torch.testing.assert_close(res["copied"], res["averaged"], rtol=0, atol=0)
     assert "sharded model" in res["get_module"] and "swapped" in res["get_module"]
     assert "state_dict(full=True)" in res["averaged_state_dict"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from deepspeed_workers import save_resume_and_fsdp
+
+    tmp = tmp_path_factory.mktemp("saved")
+    spawn(tmp, save_resume_and_fsdp, str(tmp))
+    return tmp
+
+
+def _equal(a, b, what):
+    for name, table in b["averages"].items():
+        for k, v in table.items():
+            assert torch.equal(a["averages"][name][k], v), (what, name, k)
+    assert a["timeline"] == b["timeline"], what
+
+
+def test_resume_from_per_rank_or_full_states_is_bit_for_bit_and_fsdp2_loads_it(saved):
+    from deepspeed_workers import DECAYS, net
+
+    final = torch.load(saved / "final.pt", weights_only=True)
+    res = torch.load(saved / "out.pt", weights_only=True)
+    _equal(res["resumed"]["rank"], final, "per-rank states")
+    _equal(res["resumed"]["full"], final, "full state")
+    _equal(res["fsdp"], final, "FSDP2")
+    assert "0.weight is a shard saved as" in res["refused"]
+    assert "'flat_offset'" in res["refused"] and "state_dict(full=True)" in res["refused"]
+    plain = polyak.EMA(net(), DECAYS)  # one process, no DeepSpeed
+    plain.load_state_dict(final)
+    _equal(plain.state_dict(), final, "one process")
+    per_rank = torch.load(saved / "rank0.pt", weights_only=True)
+    with pytest.raises(
+        ValueError, match=r"one rank.s shards of 6 sharded tensors.*state_dict\(full=True\)"
+    ):
+        plain.load_state_dict(per_rank)
+
+
+def test_a_two_rank_zero3_state_loads_on_three_ranks_under_zero2_and_zero3(saved):
+    from deepspeed_workers import load_at_three_ranks
+
+    spawn(saved, load_at_three_ranks, str(saved), world=3)
+    final = torch.load(saved / "final.pt", weights_only=True)
+    got = torch.load(saved / "three.pt", weights_only=True)
+    _equal(got["zero2"], final, "ZeRO-2, 3 ranks")
+    _equal(got["zero3"], final, "ZeRO-3, 3 ranks")
+    for error in got["errors"]:  # each rank holds another partition than it saved: all refuse
+        assert error.startswith("ValueError: average 'a': 0.weight is a shard saved as"), error
+        assert "(another world size or sharding)" in error and "state_dict(full=True)" in error
+
+
+def test_sharded_targets_equal_unsharded_ones_with_no_collective_and_other_shardings_are_refused(
+    tmp_path,
+):
+    from deepspeed_workers import sharded_pairs
+
+    spawn(tmp_path, sharded_pairs, str(tmp_path / "pairs.pt"))
+    res = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert res["collectives"] == 0 and res["teacher_step"] == 3  # every 2 of 6 steps
+    for k, v in res["ref_target"].items():  # ZeRO-3 online and target vs plain torch
+        torch.testing.assert_close(res["zero3_target"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert res["target_vs_ref"] < 1e-6  # every forward of the target saw its new weights
+    assert torch.equal(res["hard_out"], res["online_out"])  # hard_update_: the same weights
+    for k, v in res["plain_target"].items():  # FSDP2, shard by shard: the same arithmetic
+        assert torch.equal(res["fsdp_target"][k], v), k
+    errors = res["errors"]
+    assert errors["plain target"].startswith(
+        "0.weight: the target is not sharded but the online network is ZeRO-3-sharded"
+    )
+    assert "the target is FSDP2-sharded" in errors["FSDP2 target"]
+    assert "ZeRO-3-sharded" in errors["FSDP2 target"]
+    assert errors["HSDP target"].startswith("0.weight: the target is FSDP2-sharded ({")
+    assert "'local_shape': [31, 13]" in errors["HSDP target"]  # replicated: the whole tensor

@@ -481,3 +481,156 @@ def sharded_pairs(rank: int, world: int, out: str) -> None:
     res["collectives"] = counted.count
     if rank == 0:
         torch.save(res, out)
+
+
+def hf_config(stage: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 600},
+    }
+
+
+def _hf_trainer(out: str, stage: int, callbacks: list[Any], save: bool = True) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    from test_integrations_transformers import TRAIN, gpt2
+
+    args = TrainingArguments(
+        out,
+        deepspeed=hf_config(stage),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_steps=6,
+        save_strategy="steps" if save else "no",
+        save_steps=3,
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    return Trainer(model=gpt2(), args=args, train_dataset=TRAIN, callbacks=callbacks)
+
+
+class _Record:
+    """The live weights (gathered) at the start and after each optimizer step, as a callback."""
+
+    def __new__(cls) -> Any:
+        from transformers import TrainerCallback
+
+        class Record(TrainerCallback):
+            def __init__(self) -> None:
+                self.states: list[dict[str, torch.Tensor]] = []
+
+            def _keep(self, model: nn.Module) -> None:
+                import deepspeed
+
+                params = list(model.parameters())
+                with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+                    self.states.append(
+                        {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    )
+
+            def on_train_begin(
+                self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+            ) -> None:
+                self._keep(model)
+
+            def on_step_end(
+                self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+            ) -> None:
+                self._keep(model)
+
+        return Record()
+
+
+def hf_trainer_zero(rank: int, world: int, out: str) -> None:
+    """The HF Trainer with DeepSpeed ZeRO-2, then ZeRO-3: EMACallback trains, checkpoints,
+    resumes (ZeRO-3) and exports with save_pretrained."""
+    from polyak.integrations.transformers import EMACallback
+
+    decay = polyak.schedules.warmup(0.9)
+    res: dict[str, Any] = {}
+    for stage in (2, 3):
+        record, cb = _Record(), EMACallback(decay)
+        _hf_trainer(f"{out}/zero{stage}", stage, [record, cb], save=stage == 3).train()
+        res[f"zero{stage}"] = {
+            "steps": cb.ema.timeline.num_updates,
+            "full": cb.ema.state_dict(full=True),
+            "states": record.states,
+        }
+    resumed = EMACallback(decay)
+    _hf_trainer(f"{out}/zero3", 3, [resumed]).train(
+        resume_from_checkpoint=f"{out}/zero3/checkpoint-3"
+    )
+    res["resumed"] = resumed.ema.state_dict(full=True)
+    resumed.save_pretrained(f"{out}/average")
+    if rank == 0:
+        torch.save(res, f"{out}/hf.pt")
+
+
+def accelerate_zero3(rank: int, world: int, out: str) -> None:
+    """Accelerate with a DeepSpeed ZeRO-3 plugin: the EMA registered for checkpointing through
+    FullState, saved halfway, resumed in a new Accelerator; and a plain single-process run."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from polyak.integrations.accelerate import FullState
+
+    data = batches(STEPS)
+    dataset = TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+
+    plugin = DeepSpeedPlugin(hf_ds_config=config(3, stage3_param_persistence_threshold=40))
+
+    def setup(first: bool) -> tuple[Any, ...]:
+        accelerator = Accelerator(  # not cpu=True, which drops the plugin (plain DDP); a second
+            deepspeed_plugin=plugin if first else None,  # Accelerator takes the first's plugin
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+        )
+        model = net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loader = DataLoader(dataset, batch_size=4)  # rank r: the r-th half of each global batch
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        ema = polyak.EMA(accelerator.unwrap_model(model), DECAYS)
+        accelerator.register_for_checkpointing(FullState(ema))
+        return accelerator, model, optimizer, ema, list(loader)
+
+    def steps(accelerator: Any, model: Any, optimizer: Any, ema: polyak.EMA, loader: Any) -> None:
+        for x, y in loader:
+            accelerator.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update()
+
+    accelerator, model, optimizer, ema, loader = setup(first=True)
+    steps(accelerator, model, optimizer, ema, loader[:3])
+    accelerator.save_state(f"{out}/state")
+    steps(accelerator, model, optimizer, ema, loader[3:])
+    whole = ema.state_dict(full=True)
+    accelerator, model, optimizer, ema, loader = setup(first=False)
+    accelerator.load_state(f"{out}/state")
+    resumed_at = ema.step
+    steps(accelerator, model, optimizer, ema, loader[3:])
+    resumed = ema.state_dict(full=True)
+    ref = Reference()
+    for batch in data:
+        ref.train(batch)
+    if rank == 0:
+        torch.save(
+            {"whole": whole, "resumed": resumed, "at": resumed_at, "ref": ref.ema.state_dict()},
+            f"{out}/accelerate.pt",
+        )
+
+
+def zero_runs(rank: int, world: int, out: str) -> None:
+    """Everything that runs on 2 plain DeepSpeed processes, in one spawned pair (the first
+    ``deepspeed.initialize`` of a process costs seconds, the next ones less than 2)."""
+    stages_match_a_plain_run(rank, world, f"{out}/stages.pt")
+    save_resume_and_fsdp(rank, world, out)
+    sharded_pairs(rank, world, f"{out}/pairs.pt")

@@ -37,12 +37,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    from deepspeed_workers import stages_match_a_plain_run
+def saved(tmp_path_factory):
+    """One spawned pair: every stage, save and resume, FSDP2 loading, sharded pairs."""
+    from deepspeed_workers import zero_runs
 
-    tmp = tmp_path_factory.mktemp("stages")
-    spawn(tmp, stages_match_a_plain_run, str(tmp / "stages.pt"))
-    return torch.load(tmp / "stages.pt", weights_only=True)
+    tmp = tmp_path_factory.mktemp("zero")
+    spawn(tmp, zero_runs, str(tmp))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def stages(saved):
+    return torch.load(saved / "stages.pt", weights_only=True)
 
 
 def test_every_stage_equals_a_plain_single_process_ema_with_no_collective_per_update(stages):
@@ -110,15 +116,6 @@ def test_swapped_evaluation_under_zero3_gives_the_average_and_the_live_weights_b
     assert "state_dict(full=True)" in res["averaged_state_dict"]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from deepspeed_workers import save_resume_and_fsdp
-
-    tmp = tmp_path_factory.mktemp("saved")
-    spawn(tmp, save_resume_and_fsdp, str(tmp))
-    return tmp
-
-
 def _equal(a, b, what):
     for name, table in b["averages"].items():
         for k, v in table.items():
@@ -160,12 +157,9 @@ def test_a_two_rank_zero3_state_loads_on_three_ranks_under_zero2_and_zero3(saved
 
 
 def test_sharded_targets_equal_unsharded_ones_with_no_collective_and_other_shardings_are_refused(
-    tmp_path,
+    saved,
 ):
-    from deepspeed_workers import sharded_pairs
-
-    spawn(tmp_path, sharded_pairs, str(tmp_path / "pairs.pt"))
-    res = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    res = torch.load(saved / "pairs.pt", weights_only=True)
     assert res["collectives"] == 0 and res["teacher_step"] == 3  # every 2 of 6 steps
     for k, v in res["ref_target"].items():  # ZeRO-3 online and target vs plain torch
         torch.testing.assert_close(res["zero3_target"][k], v, rtol=0, atol=1e-6, msg=k)
@@ -181,3 +175,48 @@ def test_sharded_targets_equal_unsharded_ones_with_no_collective_and_other_shard
     assert "ZeRO-3-sharded" in errors["FSDP2 target"]
     assert errors["HSDP target"].startswith("0.weight: the target is FSDP2-sharded ({")
     assert "'local_shape': [31, 13]" in errors["HSDP target"]  # replicated: the whole tensor
+
+
+def test_hf_trainer_with_zero2_and_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
+    import numpy as np
+    from transformers import GPT2LMHeadModel
+
+    import reference
+    from deepspeed_workers import hf_trainer_zero, run_launched
+
+    mp.spawn(run_launched, args=(2, free_port(), hf_trainer_zero, str(tmp_path)), nprocs=2)
+    res = torch.load(tmp_path / "hf.pt", weights_only=True)
+    decay = polyak.schedules.warmup(0.9)
+    for stage in ("zero2", "zero3"):
+        got, states = res[stage]["full"]["averages"]["warmup(0.9)"], res[stage]["states"]
+        assert res[stage]["steps"] == len(states) - 1 == 6, stage  # one update per step
+        decays = [decay.per_step(t) for t in range(1, 7)]
+        for k, v in got.items():
+            expected = reference.ema(
+                [s[k].double().numpy() for s in states[1:]], decays, states[0][k].double().numpy()
+            )
+            np.testing.assert_allclose(
+                v.double().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=k
+            )
+    _equal(res["resumed"], res["zero3"]["full"], "resumed at step 3")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "average")
+    for k, v in res["zero3"]["full"]["averages"]["warmup(0.9)"].items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_accelerate_with_a_zero3_plugin_checkpoints_the_gathered_average_and_resumes_exactly(
+    tmp_path,
+):
+    from deepspeed_workers import accelerate_zero3, run_launched
+
+    mp.spawn(run_launched, args=(2, free_port(), accelerate_zero3, str(tmp_path)), nprocs=2)
+    res = torch.load(tmp_path / "accelerate.pt", weights_only=True)
+    saved = torch.load(tmp_path / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert "shards" not in saved and saved["averages"]["a"]["0.weight"].shape == (31, 13)
+    assert res["at"] == 3
+    _equal(res["resumed"], res["whole"], "resumed")
+    for avg, table in res["ref"]["averages"].items():  # a plain single-process run
+        for k, ref in table.items():
+            got = res["whole"]["averages"][avg][k].double()
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6, msg=f"{avg} {k}")

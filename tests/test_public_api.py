@@ -23,6 +23,7 @@ MODULES = [
     "polyak.posthoc",
     "polyak.integrations.lightning",
     "polyak.integrations.transformers",
+    "polyak.integrations.accelerate",
     "polyak.errors",
 ]
 

@@ -28,6 +28,23 @@ def quick_result(tmp_path_factory):
     return bench.run_bench(config), out
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _scratch(shape: str, name: str) -> int:
+    """Bytes an update may allocate: none, except that before torch 2.13 (where the goal was
+    measured) ``_foreach_lerp_`` of a bf16 flat buffer into a float32 average casts it through a
+    2 MiB scratch (seen on torch 2.6, the oldest version polyak declares)."""
+    import torch
+
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    old_mixed = version < (2, 13) and shape == "transformer-bf16" and "flat_params" in name
+    return 2 << 20 if old_mixed and "fp32 model" not in name else 0
+
+
 def test_quick_run_times_and_checks_every_candidate(quick_result):
     result, _ = quick_result
     assert [s["shape"] for s in result["sections"]] == [
@@ -42,17 +59,20 @@ def test_quick_run_times_and_checks_every_candidate(quick_result):
             assert row["median_s"] > 0 and row["q1_s"] <= row["q3_s"]
             if row["kind"] == "polyak":
                 if "nonfinite" not in row["name"]:  # its finiteness check allocates the norms
-                    assert row["allocated"] == 0, row
+                    assert row["allocated"] <= _scratch(section["shape"], row["name"]), row
                 assert row["err"] < 1e-5 and abs(row["moved"] - 1) < 1e-3, row
         if section["shape"] == "transformer":
             assert {"polyak nonfinite=raise", "polyak nonfinite=skip"} <= names
     fp32 = {r["name"]: r for r in result["sections"][0]["rows"]}
     assert "foreach (cached lists)" in fp32
-    for peer in ("AveragedModel", "timm-V3", "torch_ema", "ema-pytorch-foreach"):
+    installed = {"timm-V3": "timm", "torch_ema": "torch_ema", "ema-pytorch-foreach": "ema_pytorch"}
+    peers = [p for p in ("AveragedModel", *installed) if p not in installed or _has(installed[p])]
+    for peer in peers:  # every installed peer is timed (the oldest-versions job installs none)
         assert fp32[peer]["err"] < 1e-4, fp32[peer]  # the peers compute the same averages
     bf16 = {r["name"]: r for r in result["sections"][2]["rows"]}
-    assert "polyak (fp32 model)" in bf16 and "timm-V3-fp32" in bf16
-    assert bf16["torch_ema"]["moved"] < 0.5  # a bf16 average freezes; polyak's float32 does not
+    assert "polyak (fp32 model)" in bf16 and ("timm-V3-fp32" in bf16) == _has("timm")
+    if _has("torch_ema"):
+        assert bf16["torch_ema"]["moved"] < 0.5  # a bf16 average freezes; polyak's does not
     assert bf16["polyak"]["moved"] == pytest.approx(1.0, abs=1e-3)
     multi = result["multi"][0]
     assert multi["k"] == 2 and all(r["err"] < 1e-5 for r in multi["rows"])
@@ -110,6 +130,8 @@ def test_a_failing_peer_is_skipped_with_its_reason(monkeypatch, capsys):
 
 
 def test_timm_loads_by_path_without_torchvision():
+    if not _has("timm"):
+        pytest.skip("timm is not installed")
     module = peers.timm_model_ema()
     assert hasattr(module, "ModelEmaV3")
 

@@ -11,9 +11,12 @@ import torch.multiprocessing as mp
 import polyak
 from dist_workers import net, run, set_weights_
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
-)
+pytestmark = [
+    pytest.mark.slow,  # two processes per test
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+    ),
+]
 
 
 def spawn(tmp_path, fn, *args, world=2):

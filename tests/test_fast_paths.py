@@ -388,6 +388,10 @@ def test_new_options_are_validated():
 
 # ----------------------------------------------------------------------- compiled kernel
 def test_compiled_update_equals_eager_bit_for_bit_and_allocates_nothing():
+    """Bit for bit on the torch CI tests (2.13); on torch 2.6, the oldest polyak declares, its
+    Inductor's kernel differs from eager ``lerp_`` by up to 2 ulp (found by that CI job)."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    exact = version >= (2, 13)
     gen = torch.Generator().manual_seed(5)
     for dtype, decays in ((torch.float32, [0.9, 0.99, 0.5]), (torch.bfloat16, [0.999])):
         torch.manual_seed(0)
@@ -405,7 +409,11 @@ def test_compiled_update_equals_eager_bit_for_bit_and_allocates_nothing():
             slow.update()
         for name in fast.names:
             for n, v in slow.averaged_tensors(name).items():
-                assert torch.equal(fast.averaged_tensors(name)[n], v), (dtype, name, n)
+                got = fast.averaged_tensors(name)[n]
+                if exact:
+                    assert torch.equal(got, v), (dtype, name, n)
+                else:
+                    torch.testing.assert_close(got, v, rtol=2**-22, atol=0)  # 1-2 ulp
         assert _allocated(fast.update) == 0
     # decays of 0 and 1 (copy, skip) take the eager path
     ema = polyak.EMA(bn_net(), [schedules.uniform(), 0.9], flat_params=True, compile_update=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import warnings
 
 import lightning.pytorch as L
 import numpy as np
@@ -322,7 +323,7 @@ def test_a_failed_average_as_weights_leaves_the_checkpoint_unchanged(monkeypatch
     def fail():
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(fit.strategy, "lightning_module_state_dict", fail)
+    monkeypatch.setattr(polyak.export, "averaged_state_dict", lambda *a, **k: fail())
     with pytest.raises(RuntimeError, match="out of memory"):
         cb.on_save_checkpoint(fit, model, checkpoint)
     _equal_states(checkpoint["state_dict"], before["state_dict"])
@@ -393,3 +394,76 @@ def test_a_state_that_does_not_load_is_a_checkpoint_error_and_changes_nothing():
     with pytest.raises(CheckpointError, match=r"\['ema'\]: the saved EMA state does not load"):
         cb.load_state_dict(entry)
     _equal_states(cb.ema.averaged_tensors(), before)
+
+
+def test_average_as_weights_keeps_two_model_copies_and_is_marked(tmp_path):
+    from polyak.integrations._checkpoint_entry import MARKER
+
+    cb = EMACallback(0.8, save_average_as_weights=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = Regression()
+    trainer(max_epochs=1, callbacks=[cb, ckpt], enable_checkpointing=True).fit(model, data(3))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    entry = saved["callbacks"][cb.state_key]
+    params = set(model.state_dict())
+    copies = [  # model-size copies: tensors named like the model's, wherever they are kept
+        table
+        for table in (
+            saved["state_dict"],
+            entry["live_state_dict"],
+            *entry["ema"]["averages"].values(),
+        )
+        if params & set(table)
+    ]
+    assert len(copies) == 2 and entry["ema"]["averages"]["0.8"] == {}  # Lightning's count
+    averaged = [n for n, t in cb.ema.layout().items() if t.kind == "average"]
+    assert entry["in_state_dict"]["names"] == averaged
+    marker = {"holds": "average", "average": "0.8", "callback": cb.state_key}
+    assert saved[MARKER] == marker and marker in saved["callbacks"].values()
+    # resumed without the callback: Lightning's warning names the marker
+    with pytest.warns(UserWarning, match="state_dict of this checkpoint holds an EMA average"):
+        trainer(max_epochs=2).fit(Regression(), data(3), ckpt_path=tmp_path / "last.ckpt")
+    # resumed with it: the average comes back from the state_dict, bit for bit, no warning
+    again = EMACallback(0.8, save_average_as_weights=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, callbacks=[again]).fit(
+            Regression(), data(3), ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert not [w for w in caught if "holds an EMA average" in str(w.message)]
+    loaded = again.state_dict()["ema"]["averages"]["0.8"]  # the state waiting for the next fit
+    _equal_states(
+        {k: loaded[k] for k in averaged}, {k: cb.ema.averaged_tensors()[k] for k in averaged}
+    )
+    with pytest.raises(CheckpointError, match="resume through Trainer.fit"):
+        EMACallback(0.8).load_state_dict(copy.deepcopy(entry))
+
+
+def test_should_update_at_epoch_ends_and_start_epoch_follow_the_reference():
+    class EpochEnds(EMACallback):
+        def should_update(self, step_idx=None, epoch_idx=None):
+            return epoch_idx is not None
+
+    rec, cb = Record(), EpochEnds(0.5)
+    trainer(max_epochs=3, callbacks=[rec, cb]).fit(Regression(), data(2))
+    assert cb.ema.step == 6 and cb.ema.timeline.num_updates == 3  # one update per epoch
+    states = [rec.states[i] for i in (2, 4, 6)]  # each covering 2 steps: decay 0.5**2
+    for k, v in cb.ema.averaged_tensors().items():
+        if v.is_floating_point():
+            exp = reference.ema(
+                [s[k].double().numpy() for s in states], [0.25] * 3, rec.states[0][k]
+            )
+            np.testing.assert_allclose(v.double().numpy(), exp, rtol=1e-6, atol=1e-7)
+
+    rec, late = Record(), EMACallback(0.5, start_epoch=2)
+    model = Regression()
+    trainer(max_epochs=3, callbacks=[rec, late]).fit(model, data(2), VAL)
+    assert late.ema.step == 2  # built at the start of epoch 2 (after 4 steps) from the weights
+    for k, v in late.ema.averaged_tensors().items():
+        if v.is_floating_point():
+            exp = reference.ema(
+                [s[k].double().numpy() for s in rec.states[5:]], [0.5] * 2, rec.states[4][k]
+            )
+            np.testing.assert_allclose(v.double().numpy(), exp, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="start_epoch must be"):
+        EMACallback(0.5, start_epoch=-1)

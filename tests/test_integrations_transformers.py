@@ -152,10 +152,11 @@ def test_evaluation_runs_on_the_average_and_training_never_sees_it(tmp_path):
     trainer.train()
     _equal_states(_live(trainer.model), _live(without.model))  # bit for bit
 
-    history = trainer.state.log_history  # each pass logs its own entry
+    history = trainer.state.log_history  # one row per evaluation, every weight set in it
     assert [e["step"] for e in history if "eval_loss" in e] == [0, 2, 4, 6]
     averaged = [e for e in history if "eval_ema_loss" in e]
     assert [e["step"] for e in averaged] == [2, 4, 6]  # none before the first update
+    assert all("eval_loss" in e for e in averaged)
 
     metrics = trainer.evaluate()
     by_hand = hf_trainer(tmp_path / "c", model=_average_model(cb)).evaluate()
@@ -441,3 +442,27 @@ def test_accelerate_save_state_and_load_state_carry_the_ema(tmp_path):
     steps(accelerator2, model2, optimizer2, ema2, batches[3:])
     for n in ema.names:
         _equal_states(ema2.averaged_tensors(n), ema.averaged_tensors(n))
+
+
+@pytest.mark.slow
+def test_every_named_average_is_evaluated_in_one_row_with_the_live_weights(tmp_path):
+    cb = EMACallback({"slow": 0.9, "fast": 0.5}, evaluate="both")
+    periodic = {"eval_strategy": "steps", "eval_steps": 3}
+    trainer = hf_trainer(tmp_path, [cb], **periodic)
+    trainer.train()
+    rows = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in rows] == [3, 6]
+    for row in rows:
+        assert {"eval_ema_slow_loss", "eval_ema_fast_loss"} <= set(row)
+    metrics = trainer.evaluate()
+    for name in ("slow", "fast"):
+        by_hand = hf_trainer(tmp_path / name, model=_average_model(cb, name)).evaluate()
+        assert (
+            metrics[f"eval_ema_{name}_loss"]
+            == by_hand["eval_loss"]
+            == rows[-1][f"eval_ema_{name}_loss"]
+        )
+    assert trainer.state.log_history[-1] == {
+        **metrics,
+        **{k: trainer.state.log_history[-1][k] for k in ("epoch", "step")},
+    }

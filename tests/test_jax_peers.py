@@ -15,6 +15,8 @@ import polyak.jax as pj  # noqa: E402
 import reference  # noqa: E402
 from polyak import schedules as S  # noqa: E402
 
+pytestmark = pytest.mark.slow  # differential tests against the JAX peers
+
 rng = np.random.default_rng(5)
 
 

@@ -12,12 +12,15 @@ import pytest
 
 pytest.importorskip("jax", reason="polyak.jax needs JAX: pip install 'polyak[jax]'")
 
+pytestmark = pytest.mark.slow  # a subprocess with two JAX devices
+
 _SCRIPT = r"""
 import re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import polyak.jax as pj
 from polyak import schedules
+
 
 assert jax.device_count() == 2, jax.devices()
 rng = np.random.default_rng(0)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import polyak
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(polyak.__file__).resolve().parents[1]  # src/, or site-packages for an installed wheel
 TOOLS = ("polyak.cli", "polyak.__main__")
 
 
@@ -132,7 +133,7 @@ def test_the_version_is_written_once_in_pyproject():
     import re as _re
     from importlib import metadata
 
-    pyproject = (SRC.parent / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
     declared = _re.search(r'^version = "(.+)"$', pyproject, flags=_re.M)
     assert declared and polyak.__version__ == metadata.version("polyak") == declared.group(1)
     hard_coded = [p for p in MODULES.values() if _re.search(r'__version__ = "', p.read_text())]
@@ -140,7 +141,7 @@ def test_the_version_is_written_once_in_pyproject():
 
 
 def test_benchmark_scripts_import_each_other_without_cycles():
-    folder = SRC.parent / "benchmarks"
+    folder = ROOT / "benchmarks"
     scripts = {p.stem: p for p in folder.glob("*.py")}
     edges = {}
     for name, path in scripts.items():

@@ -15,6 +15,8 @@ from peers import timm_model_ema
 from polyak import schedules
 from torch_helpers import bn_net, randomize_
 
+pytestmark = pytest.mark.slow  # differential tests against the peer libraries
+
 STEPS = 25
 
 

@@ -12,9 +12,12 @@ import torch.multiprocessing as mp
 import polyak
 from dist_workers import net, run, set_weights_
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
-)
+pytestmark = [
+    pytest.mark.slow,  # two processes per test
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+    ),
+]
 
 
 def test_fsdp2_ranks_write_their_shards_and_one_process_gathers_them(tmp_path):

@@ -11,6 +11,8 @@ import polyak
 ema_pytorch = pytest.importorskip("ema_pytorch")
 from ema_pytorch.post_hoc_ema import PostHocEMA as LucidPostHocEMA  # noqa: E402
 
+pytestmark = pytest.mark.slow  # differential tests against the peer libraries
+
 
 def _constant_model():
     torch.manual_seed(0)

@@ -191,3 +191,18 @@ def test_a_learning_rate_that_diverges_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("polyak study: error: training diverged: the loss of the mlp")
     assert "lower --lr (it is 1e+06)" in err[-1] and not any("Traceback" in x for x in err)
+
+
+def test_wall_time_is_reported_not_graded():
+    from polyak.cli.study.report import provenance, targets
+
+    results = {"classification": {"summary": {}}, "wall_time_s": 500.0}
+    assert targets(results) == []  # a slow, busy machine fails no goal
+    results.update(
+        config={"workers": 2, "threads": 1},
+        machine={"cpu": "some CPU", "cores": 2, "load": [3.5, 2.0, 1.0]},
+        versions={"torch": "2.13.0"},
+        command="polyak study",
+    )
+    line = provenance(results)[0]
+    assert "Wall time: 500 s, load average 3.50/2.00/1.00" in line and "not graded" in line

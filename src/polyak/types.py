@@ -26,6 +26,7 @@ __all__ = [
     "BufferPolicy",
     "DecayLike",
     "EMAOptions",
+    "FrozenPolicy",
     "NonFinite",
     "OneDecay",
     "TensorLayout",
@@ -46,6 +47,11 @@ is handed out), raise naming the tensors, or leave the averages unchanged for th
 BufferPolicy: TypeAlias = Literal["average", "copy", "ignore"]
 """What happens to a model's floating-point buffers (BatchNorm statistics): averaged like the
 weights, copied from the live model at each update, or left out."""
+
+FrozenPolicy: TypeAlias = Literal["live", "average"]
+"""What happens to parameters that do not require grad when an EMA is built (a PEFT model's
+frozen base): ``"live"`` reads their average from the model, which is the same tensor (not
+stored); ``"average"`` stores and averages them like the others."""
 
 ArrayTree: TypeAlias = Union["np.ndarray", Sequence["ArrayTree"], Mapping[str, "ArrayTree"]]
 """NumPy arrays, or lists, tuples and string-keyed dicts of them (nested)."""
@@ -68,6 +74,7 @@ class EMAOptions(TypedDict, total=False):
     seed: int
     compile_update: bool
     nonfinite: NonFinite
+    frozen: FrozenPolicy
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ replaced storage that something else still holds (it is not freed). The full che
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -41,10 +41,10 @@ from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
 from polyak._torch.segments import Segment
 from polyak._torch.sharding import Shard, fsdp_modules, reshard, same_local, shard_info
 from polyak._torch.storage import Averages, all_finite, wide
-from polyak._torch.watch import Watch, diff
+from polyak._torch.watch import Watch, diff, thawed
 from polyak.errors import ModelChangedError, NonFiniteError
 
-__all__ = ["Binding", "Policy", "bind", "kept_names", "pending", "select"]
+__all__ = ["Binding", "Policy", "Selection", "bind", "kept_names", "pending", "select"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Policy:
     compile_update: bool
     rounding_seed: int | None
     nonfinite: str
+    frozen: str = "live"
 
     def average_dtype(self, t: torch.Tensor) -> torch.dtype:
         """float32 (the default) is a floor: a float64 model keeps float64; an explicit bf16/fp16
@@ -69,15 +70,47 @@ class Policy:
         return torch.promote_types(t.dtype, self.dtype)
 
 
-def select(model: nn.Module, policy: Policy) -> tuple[nn.Module, list[Entry], list[torch.Tensor]]:
+class Selection(NamedTuple):
+    """What :func:`select` finds in a model."""
+
+    root: nn.Module  #: the unwrapped model
+    entries: list[Entry]  #: the tracked tensors (stored: averaged or copied)
+    lives: list[torch.Tensor]  #: their live values (FSDP2: the local shards)
+    frozen: list[Entry]  #: frozen parameters: tracked, not stored (their average is themselves)
+
+
+def select(model: nn.Module, policy: Policy, frozen: Collection[str] | None = None) -> Selection:
     """The unwrapped model, its tracked tensors and their live values (FSDP2: the shards, after
-    dropping the full weights a ``no_grad`` forward leaves registered)."""
+    dropping the full weights a ``no_grad`` forward leaves registered).
+
+    With ``policy.frozen == "live"`` the parameters in ``frozen`` (default: those that do not
+    require grad now) are set apart: an average of a tensor that never changes is the tensor,
+    so it is read from the model instead of stored (PEFT/LoRA: the frozen base model). Which
+    parameters are frozen is decided when a binding is made and kept afterwards (``frozen``),
+    so a parameter frozen later (PEFT's ``set_adapter``) is still averaged.
+    """
     root = unwrap(model)
     fsdp = fsdp_modules(root)
     if fsdp:
         reshard(fsdp)
     entries = select_tensors(root, policy.buffers, policy.include, policy.exclude)
-    return root, entries, [e.get() for e in entries]
+    kept: list[Entry] = []
+    if policy.frozen == "live":
+        if frozen is None:
+            frozen = {e.name for e in entries if _frozen(e)}
+        kept = [e for e in entries if e.name in frozen]
+        if len(kept) == len(entries):
+            raise ValueError(
+                f"every tracked tensor of the model is a frozen parameter (requires_grad=False; "
+                f"{len(kept)} of them), so there is nothing to average: unfreeze the parameters "
+                "to train before building the EMA, or pass frozen='average' to store them anyway"
+            )
+        entries = [e for e in entries if e.name not in frozen]
+    return Selection(root, entries, [e.get() for e in entries], kept)
+
+
+def _frozen(e: Entry) -> bool:
+    return e.is_param and e.mode == "average" and not e.raw().requires_grad
 
 
 def pending(entries: Sequence[Entry], lives: Sequence[torch.Tensor]) -> str | None:
@@ -105,13 +138,13 @@ class Binding:
         model: nn.Module,
         policy: Policy,
         averages: Averages,
-        selection: tuple[nn.Module, list[Entry], list[torch.Tensor]] | None = None,
+        selection: Selection | None = None,
         owned: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
         self.averages = averages
-        self.root, self.entries, self.lives = selection or select(model, policy)
+        self.root, self.entries, self.lives, self.frozen = selection or select(model, policy)
         self.fsdp = fsdp_modules(self.root)
         self.owned = {} if owned is None else owned
         self.skipped: tuple[tuple[str, str], ...] = ()
@@ -169,7 +202,7 @@ class Binding:
                 stacklevel=5,
             )
         self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
-        self.watch = Watch(self.root, self.lives, self.owned)
+        self.watch = Watch(self.root, self.lives, self.owned, [e.raw() for e in self.frozen])
 
     def _gate(self, device: torch.device) -> Gate:
         if device not in self._gates:
@@ -199,24 +232,32 @@ class Binding:
         ):
             self.refresh()
 
-    def refresh(self, selection: tuple | None = None) -> None:
+    def reselect(self, model: nn.Module | None = None) -> Selection:
+        """``select`` on ``model`` (default: the bound one), with the frozen parameters that
+        were set apart when this binding's averages were made."""
+        frozen = [e.name for e in self.frozen]
+        return select(self.model if model is None else model, self.policy, frozen)
+
+    def refresh(self, selection: Selection | None = None) -> None:
         """Re-read the model; follow new storages, dtypes and devices, refuse other changes."""
-        root, entries, lives = selection or select(self.model, self.policy)
-        error = diff(self.entries, entries, self.shapes(), lives)
+        root, entries, lives, frozen = selection or self.reselect()
+        error = diff(self.entries, entries, self.shapes(), lives) or thawed(frozen)
         if error is not None:
             raise error
         why = pending(entries, lives)
         if why is not None:
             raise ModelChangedError(why)
-        self.root, self.entries, self.lives = root, entries, lives
+        self.root, self.entries, self.lives, self.frozen = root, entries, lives, frozen
         self._plan()
 
     def verify(self) -> None:
         """The full check (also what the watch cannot see), before a swap, copy or save."""
-        selection = select(self.model, self.policy)
-        _, entries, lives = selection
+        selection = self.reselect()
+        _, entries, lives, frozen = selection
         if (
             self.watch.changed()
+            or len(frozen) != len(self.frozen)
+            or any(a.raw() is not b.raw() for a, b in zip(frozen, self.frozen))
             or any(not same_local(e.raw(), b) for e, b in zip(entries, self.lives))
             or diff(self.entries, entries, self.shapes(), lives) is not None
         ):
@@ -301,11 +342,35 @@ class Binding:
             return self.root, self.entries
         from polyak._torch.naming import check_tensors
 
-        root, entries, lives = select(model, self.policy)
+        root, entries, lives, _ = self.reselect(model)
         ours = dict(zip((e.name for e in self.entries), self.lives))
         check_tensors(ours, dict(zip((e.name for e in entries), lives)), type(model).__name__)
         by_name = {e.name: e for e in entries}
         return root, [by_name[e.name] for e in self.entries]
+
+    def frozen_targets(self, model: nn.Module | None) -> list[tuple[Entry, torch.Tensor]]:
+        """``(entry of model, our live tensor)`` per frozen parameter when ``model`` is another
+        model (whose own frozen tensors may differ from ours, the average); empty otherwise."""
+        if model is None or unwrap(model) is self.root or not self.frozen:
+            return []
+        theirs = {e.name: e for e in select_tensors(unwrap(model), self.policy.buffers)}
+        missing = [e.name for e in self.frozen if e.name not in theirs]
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__} has no tensors {missing[:5]} (frozen parameters of the "
+                "averaged model, whose average is their value): pass a model of the same "
+                "architecture"
+            )
+        pairs = []
+        for e in self.frozen:
+            mine, other = e.get(), theirs[e.name]
+            if other.get().shape != mine.shape:
+                raise ValueError(
+                    f"{type(model).__name__}: {e.name} has shape {tuple(other.get().shape)}, "
+                    f"here {tuple(mine.shape)}"
+                )
+            pairs.append((other, mine))
+        return pairs
 
 
 def kept_names(old: Binding, entries: Sequence[Entry], lives: Sequence[torch.Tensor]) -> list[str]:
@@ -325,7 +390,7 @@ def kept_names(old: Binding, entries: Sequence[Entry], lives: Sequence[torch.Ten
 def bind(
     model: nn.Module,
     policy: Policy,
-    selection: tuple[nn.Module, list[Entry], list[torch.Tensor]],
+    selection: Selection,
     k: int,
     old: Binding | None,
     owned: dict[int, torch.Tensor],
@@ -335,7 +400,10 @@ def bind(
 
     Changes nothing that exists (all or nothing for the caller, who commits the result).
     """
-    _, entries, lives = selection
+    _, entries, lives, frozen = selection
+    error = thawed(frozen)
+    if error is not None:
+        raise error
     why = pending(entries, lives)
     if why is not None:
         raise ValueError(why)

@@ -53,6 +53,22 @@ _KERNEL: Callable[..., None] | None = None
 _OPTIONS: dict[str, Any] = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
+def _options() -> dict[str, Any]:
+    """Inductor options this torch knows, of the type it expects (torch 2.6 takes a bool for
+    ``cpp.enable_floating_point_contract_flag``; later versions a mode such as ``"fast"``)."""
+    from torch._inductor import config
+
+    out: dict[str, Any] = {}
+    for key, value in _OPTIONS.items():
+        section, _, name = key.rpartition(".")
+        current = getattr(getattr(config, section, None), name, None)
+        if isinstance(current, str) and isinstance(value, str):
+            out[key] = value
+        elif isinstance(current, bool):
+            out[key] = True
+    return out
+
+
 def _lerp_rows(rows: list[torch.Tensor], live: torch.Tensor, weights: torch.Tensor) -> None:
     x = live.to(rows[0].dtype)
     for k in range(len(rows)):
@@ -63,7 +79,7 @@ def kernel() -> Callable[..., None]:
     """The compiled :func:`_lerp_rows` (built on first use, shared by every EMA)."""
     global _KERNEL
     if _KERNEL is None:
-        _KERNEL = torch.compile(_lerp_rows, fullgraph=True, dynamic=True, options=_OPTIONS)
+        _KERNEL = torch.compile(_lerp_rows, fullgraph=True, dynamic=True, options=_options())
     return _KERNEL
 
 

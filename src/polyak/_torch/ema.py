@@ -22,19 +22,20 @@ from torch import nn
 from polyak._deprecation import deprecated
 from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
+from polyak._torch import adapters, zero
 from polyak._torch import state as codec
-from polyak._torch import zero
 from polyak._torch.binding import Binding, Policy, bind, kept_names, pending, select
 from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_sharded, reshard
 from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
 from polyak.errors import NonFiniteError
-from polyak.types import BufferPolicy, DecayLike, NonFinite, TensorLayout
+from polyak.types import BufferPolicy, DecayLike, FrozenPolicy, NonFinite, TensorLayout
 
 __all__ = ["EMA", "UpdateLists"]
 
 _LOW_PRECISION = {torch.bfloat16: 8, torch.float16: 11}  # significant bits
 _NONFINITE = ("propagate", "raise", "skip")
+_FROZEN = ("live", "average")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ class EMA(TimelineViews):
     Tensors: floating parameters are averaged; floating buffers are averaged
     (``buffers="average"``, as EMAN / timm), copied from the model (``"copy"``) or left out
     (``"ignore"``); integer buffers (``num_batches_tracked``) are always copied, never averaged.
+    Frozen parameters (``requires_grad=False`` when the EMA is built: a PEFT/LoRA model's base)
+    are not stored: their average is the parameter itself, so every read (:meth:`swapped`,
+    :meth:`copy_to`, :meth:`get_module`, :meth:`averaged_state_dict`, :mod:`polyak.export`)
+    takes them from the model, and the averages of a LoRA model hold the adapters only
+    (``frozen="average"`` stores them as before). One of them that starts requiring grad later
+    raises :class:`polyak.ModelChangedError` naming it at the next update; :meth:`rebind`
+    then averages it from its live value on. Which parameters are frozen is decided when the
+    EMA is built (or rebound): a parameter averaged then stays averaged when it is frozen
+    later (PEFT's ``set_adapter``).
     Names are canonical (``module.``, ``_orig_mod.`` stripped); ``include``/``exclude`` take glob
     patterns over them.
 
@@ -134,6 +144,9 @@ class EMA(TimelineViews):
             averages stay as they were for that update, decided on the device without a sync;
             :attr:`skipped_updates` counts them). Both checks read the live weights once more
             per update; the README gives the measured cost.
+        frozen: ``"live"`` (default): parameters that do not require grad when the EMA is
+            built are read from the model, not stored; ``"average"``: stored and averaged
+            like the others (the behaviour of earlier versions).
 
     Example:
         >>> import torch, polyak
@@ -167,6 +180,7 @@ class EMA(TimelineViews):
         seed: int = 0,
         compile_update: bool = False,
         nonfinite: NonFinite = "propagate",
+        frozen: FrozenPolicy = "live",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,6 +202,8 @@ class EMA(TimelineViews):
             )
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if frozen not in _FROZEN:
+            raise ValueError(f"frozen must be one of {_FROZEN}, got {frozen!r}")
         device = None if device is None else torch.device(device)
         if device is not None and device.type == "meta":
             raise ValueError(
@@ -205,6 +221,7 @@ class EMA(TimelineViews):
             compile_update,
             seed if stochastic_rounding else None,
             nonfinite,
+            frozen,
         )
         if dtype in _LOW_PRECISION and not stochastic_rounding:
             bits = _LOW_PRECISION[dtype]
@@ -220,13 +237,14 @@ class EMA(TimelineViews):
         self._model = model
         self._lock = threading.Lock()
         self._swap: SwapState | None = None
-        self._modules: dict[str, tuple[nn.Module, int]] = {}  # module, updates when checked
+        # module, updates when checked, adapters' state when made
+        self._modules: dict[str, tuple[nn.Module, int, Any]] = {}
         self._owned: dict[int, torch.Tensor] = {}  # the flat buffers flat_params made
         self._freeze_warned = False
         selection = select(model, self._policy)  # bad policies fail here, built or not
-        self._names = [e.name for e in selection[1]]
+        self._names = [e.name for e in selection.entries]
         self._binding: Binding | None = None
-        if pending(selection[1], selection[2]) is None:
+        if pending(selection.entries, selection.lives) is None:
             self._binding = bind(model, self._policy, selection, self._k, None, self._owned)
 
     # ----------------------------------------------------------------- binding
@@ -254,13 +272,18 @@ class EMA(TimelineViews):
 
     def _follow(self, model: nn.Module) -> Binding:
         """``update(other_model)``: the same tensors by name and shape, read from ``model``."""
-        selection = select(model, self._policy)
-        check_names(self._names, [e.name for e in selection[1]], "the model passed to update()")
+        if self._binding is None:
+            selection = select(model, self._policy)
+        else:
+            selection = self._binding.reselect(model)
+        check_names(
+            self._names, [e.name for e in selection.entries], "the model passed to update()"
+        )
         if self._binding is None:
             binding = bind(model, self._policy, selection, self._k, None, self._owned)
         else:
             old = {e.name: e.mode for e in self._binding.entries}
-            for e in selection[1]:
+            for e in selection.entries:
                 if old[e.name] != e.mode:
                     raise ValueError(f"{e.name} is tracked as {old[e.name]} but would be {e.mode}")
             binding = Binding(model, self._policy, self._binding.averages, selection, self._owned)
@@ -285,9 +308,13 @@ class EMA(TimelineViews):
             model = self._model if model is None else model
             selection = select(model, self._policy)
             old = self._binding
+            if old is not None and selection.frozen:  # averaged before: averaged still
+                tracked = {e.name for e in old.entries}
+                frozen = [e.name for e in selection.frozen if e.name not in tracked]
+                selection = select(model, self._policy, frozen)
             binding = bind(model, self._policy, selection, self._k, old, self._owned)
-            entries = selection[1]
-            kept = kept_names(old, entries, selection[2]) if old is not None else []
+            entries = selection.entries
+            kept = kept_names(old, entries, selection.lives) if old is not None else []
             report = {
                 "kept": kept,
                 "new": [e.name for e in entries if e.name not in set(kept)],
@@ -398,21 +425,29 @@ class EMA(TimelineViews):
             row = self._row(name)
             root, entries = binding.targets(model)
             sources = list(binding.averages.row(row).values())
+            for e, live in binding.frozen_targets(model):  # another model: ours are the average
+                entries, sources = [*entries, e], [*sources, live]
             self._warn_nonfinite(row, "swapping in")
             zero.check_swappable(e.raw() for e in entries)
-            state = swap_in(
-                root,
-                [e.name for e in entries],
-                [e.get() for e in entries],
-                sources,
-                [is_sharded(e.raw()) for e in entries],
-                [e.is_param for e in entries],
-            )
+            merged = adapters.enter(root)  # PEFT adapters merged into the frozen base
+            try:
+                state = swap_in(
+                    root,
+                    [e.name for e in entries],
+                    [e.get() for e in entries],
+                    sources,
+                    [is_sharded(e.raw()) for e in entries],
+                    [e.is_param for e in entries],
+                )
+            except BaseException:
+                adapters.leave(merged)
+                raise
+            state.adapters = merged
             state.partitioned = [e.raw() for e in entries if zero.is_partitioned(e.raw())]
             try:
                 zero.release(state.partitioned)  # the next forward gathers the average
             except BaseException:
-                swap_out(state)
+                swap_out(state)  # also unmerges the adapters
                 raise
             self._swap = state
             guard(self, state)
@@ -494,11 +529,14 @@ class EMA(TimelineViews):
                     bad,
                 )
             _, entries = binding.targets(model)
+            sources = list(binding.averages.row(row).values())
+            for e, live in binding.frozen_targets(model):  # another model: ours are the average
+                entries, sources = [*entries, e], [*sources, live]
             params = [e.raw() for e in entries]
             zero.check_swappable(params)
             targets = [e.get() for e in entries]
             staged = [
-                s.to(t.device, t.dtype) for t, s in zip(targets, binding.averages.row(row).values())
+                s.to(t.device, t.dtype) for t, s in zip(targets, sources)
             ]  # every allocation before the first write
             for t, s in zip(targets, staged):
                 t.copy_(s)
@@ -514,7 +552,10 @@ class EMA(TimelineViews):
         that would give it its own copy, detached from the average; pick ``dtype``/``device``
         when building the EMA instead. Not available for sharded models (FSDP2, ZeRO-3): use
         :meth:`swapped`. The model check and the inf/nan warning run when the module is made
-        and at the first call after each update, so calling it per batch costs nothing.
+        and at the first call after each update, so calling it per batch costs nothing. Plain
+        attributes are copied when the module is made; for PEFT adapter layers (active adapter,
+        LoRA ``scaling``) a change is seen at that first call after an update too, and the
+        module is made again (``swapped`` always uses the model's own state).
         """
         row = self._row(name)
         key = self._timeline.names[row]
@@ -522,6 +563,15 @@ class EMA(TimelineViews):
         if cached is not None and cached[1] == self._timeline.num_updates:
             return cached[0]  # checked since the last update: no work per call (eval loops)
         binding = self._bound()
+        state = adapters.fingerprint(binding.root)  # PEFT's non-tensor state, e.g. scaling
+        if cached is not None and cached[2] != state:
+            cached = None  # the module copied the adapters' old state: make it again
+        if state is not None and any(layer[3] for layer in state):
+            raise TypeError(
+                "get_module() of a PEFT model whose adapters are merged into the base weights "
+                "(merge_adapter()): the module would evaluate the live adapters. Call "
+                "unmerge_adapter() first, or evaluate with `with ema.swapped(model):`"
+            )
         if binding.shards:
             raise TypeError(
                 "get_module() cannot copy a sharded model (FSDP2 or DeepSpeed ZeRO-3); evaluate "
@@ -539,8 +589,8 @@ class EMA(TimelineViews):
                 for t in (*m._parameters.values(), *m._buffers.values())
                 if t is not None and id(t) not in replacements
             ]
-            cached = (shared_module(binding.root, replacements, keep), 0)
-        self._modules[key] = (cached[0], self._timeline.num_updates)
+            cached = (shared_module(binding.root, replacements, keep), 0, state)
+        self._modules[key] = (cached[0], self._timeline.num_updates, state)
         return cached[0]
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._torch.adapters import AdapterState, leave
 from polyak.errors import SwappedStateDictWarning
 
 __all__ = ["SwapState", "guard", "shared_module", "swap_in", "swap_out"]
@@ -41,6 +42,7 @@ class SwapState:
         self.by_copy = list(by_copy)
         self.hook: Any = None
         self.finalizer: Any = None
+        self.adapters: AdapterState | None = None  # PEFT base tensors to put back
         # (index, source, version) of targets that see a copy of their source
         self.copies: list[tuple[int, torch.Tensor, int]] = []
         # (index, version) of the parameters, whose writes (an optimizer step) are training
@@ -121,6 +123,8 @@ def swap_out(state: SwapState) -> list[str]:
                 t.copy_(s)
             else:
                 t.data = s
+    if state.adapters is not None:
+        leave(state.adapters)
     if state.hook is not None:
         state.hook.remove()
     if state.finalizer is not None:

@@ -3,6 +3,7 @@ check it triggers). See :mod:`polyak._torch.binding` for what each sees."""
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -13,11 +14,12 @@ from torch import nn
 from polyak._torch.naming import Entry
 from polyak.errors import ModelChangedError
 
-__all__ = ["Watch", "diff"]
+__all__ = ["Watch", "diff", "thawed"]
 
 _USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 _WATCHES: weakref.WeakSet[Watch] = weakref.WeakSet()
 _HOOKS: list[Any] = []
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def _mark(key: int) -> None:
@@ -96,8 +98,18 @@ def _install_hooks() -> None:
 class Watch:
     """Says whether the model may have changed since the plan was made (module docstring)."""
 
-    def __init__(self, root: nn.Module, lives: Sequence[torch.Tensor], owned: dict[int, Any]):
+    def __init__(
+        self,
+        root: nn.Module,
+        lives: Sequence[torch.Tensor],
+        owned: dict[int, Any],
+        frozen: Sequence[torch.Tensor] = (),
+    ):
         _install_hooks()
+        # Frozen parameters are not stored (their average is themselves) until one is unfrozen,
+        # which no hook reports: ``requires_grad`` is read at every check, one C-level
+        # attribute read per frozen parameter (~0.03 us each).
+        self._frozen = tuple(frozen)
         self.modules = frozenset(id(m) for m in root.modules())
         for m in root.modules():
             _watch_dicts(m)
@@ -125,7 +137,7 @@ class Watch:
         self.stale = True
 
     def changed(self) -> bool:
-        if self.stale or self._owned_unwatched:
+        if self.stale or self._owned_unwatched or any(map(_REQUIRES_GRAD, self._frozen)):
             return True
         return any(_USE_COUNT(ptr) != count for ptr, count in self._counts)  # type: ignore[misc]
 
@@ -173,4 +185,21 @@ def diff(
         removed=removed,
         replaced=sorted(replaced),
         resized=sorted(resized),
+    )
+
+
+def thawed(frozen: Sequence[Entry]) -> ModelChangedError | None:
+    """The error for parameters that were frozen when the averages were made (so their average
+    is not stored: it is the parameter) and now require grad, if any."""
+    names = [e.name for e in frozen if e.raw().requires_grad]
+    if not names:
+        return None
+    shown = f"{names[:5]}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return ModelChangedError(
+        f"the parameters {shown} were frozen (requires_grad=False) when the EMA was built, so "
+        "their average is not stored (it is the parameter itself), and they now require grad: "
+        "training them would leave them out of the averages. Call ema.rebind() to average them "
+        "from now on (they start from their live values; the other averages are kept), or build "
+        "the EMA with frozen='average' to store every parameter from the start",
+        added=names,
     )

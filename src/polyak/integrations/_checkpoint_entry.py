@@ -24,11 +24,20 @@ import torch
 
 from polyak.errors import CheckpointError
 
-__all__ = ["FORMAT", "VERSION", "check_entry", "checkpoint_step", "make_entry"]
+__all__ = [
+    "FORMAT",
+    "MARKER",
+    "VERSION",
+    "check_entry",
+    "checkpoint_step",
+    "fill_from_state_dict",
+    "make_entry",
+]
 
 FORMAT, VERSION = "polyak EMACallback", 1
+MARKER = "polyak_state_dict"  # top-level key of a checkpoint whose state_dict is an average
 _REQUIRED = ("format", "version", "global_step", "ema")
-_OPTIONAL = ("live_state_dict",)
+_OPTIONAL = ("live_state_dict", "in_state_dict")
 _TENSOR_TABLES = ("averages", "copied", "shards")  # checked by EMA.load_state_dict
 
 
@@ -126,4 +135,41 @@ def check_entry(entry: Any, where: str, global_step: int | None) -> Mapping[str,
         raise CheckpointError(
             f"{where}: 'live_state_dict' must map tensor names to tensors, got {live!r:.80}"
         )
+    shared = entry.get("in_state_dict", {"average": "", "names": []})
+    if not (
+        isinstance(shared, Mapping)
+        and set(shared) == {"average", "names"}
+        and isinstance(shared["average"], str)
+        and isinstance(shared["names"], list)
+        and all(isinstance(n, str) for n in shared["names"])
+    ):
+        raise CheckpointError(
+            f"{where}: 'in_state_dict' must be {{'average': <name>, 'names': [<tensor names>]}}, "
+            f"got {shared!r:.80}; put back the checkpoint's own entry"
+        )
     return entry
+
+
+def fill_from_state_dict(entry: Any, state_dict: Any, where: str) -> None:
+    """Put back into ``entry["ema"]`` the tensors of the average that ``save_average_as_weights``
+    kept only in the checkpoint's ``state_dict`` (``entry["in_state_dict"]`` names them), and
+    drop that field. ``entry`` was checked by :func:`check_entry`."""
+    shared = entry.pop("in_state_dict", None)
+    if shared is None:
+        return
+    name, names = shared["average"], shared["names"]
+    table = (
+        entry["ema"].get("averages", {}).get(name) if isinstance(entry["ema"], Mapping) else None
+    )
+    missing = [n for n in names if not isinstance(state_dict, Mapping) or n not in state_dict]
+    if not isinstance(table, dict) or missing:
+        raise CheckpointError(
+            f"{where}: the average {name!r} is kept in the checkpoint's 'state_dict', which lacks "
+            f"{missing[:5]} (or the entry has no such average): resume from the checkpoint as "
+            "saved, with its own state_dict"
+        )
+    for n in names:
+        value = state_dict[n]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{where}: state_dict[{n!r}] is not a tensor")
+        table[n] = value

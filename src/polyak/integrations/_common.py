@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,9 +19,9 @@ from torch import nn
 from polyak import EMA
 from polyak._timeline import parse_decays
 from polyak._torch import zero
-from polyak.errors import CheckpointError, SwappedStateDictWarning
+from polyak.errors import CheckpointError
 
-__all__ = ["EVALUATE", "Averaging", "load_checked", "rng_untouched", "state_dict_of_average"]
+__all__ = ["EVALUATE", "Averaging", "load_checked", "rng_untouched"]
 
 EVALUATE = ("average", "live", "both")
 _EMA_ARGS = tuple(p for p in inspect.signature(EMA).parameters if p not in ("model", "decay"))
@@ -203,40 +202,3 @@ def rng_untouched(model: nn.Module) -> Iterator[None]:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         yield
-
-
-@contextlib.contextmanager
-def _deliberate_state_dict() -> Iterator[None]:
-    # EMA.swapped warns on model.state_dict() because saving inside the block usually loses the
-    # training weights; here the averaged state dict is exactly what is asked for.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SwappedStateDictWarning)
-        yield
-
-
-def state_dict_of_average(
-    averaging: Averaging,
-    model: nn.Module,
-    state_dict: Callable[[], Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """``model.state_dict()`` (or ``state_dict()``, e.g. a strategy's) while ``model`` holds the
-    evaluated average: the model's own keys and dtypes, the tensors copied out of the average.
-    Under ZeRO-3 the averaged partitions are gathered first (collectives: every rank calls)."""
-    with averaging.swapped(model), _deliberate_state_dict(), zero.gathered(model):
-        return _clone(model.state_dict() if state_dict is None else state_dict())
-
-
-def _clone(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Copies of the tensors in ``state``, tied tensors (one data pointer, shape and stride)
-    staying tied; the originals may be views of the average's flat storage."""
-    clones: dict[tuple[Any, ...], torch.Tensor] = {}
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            out[key] = value
-            continue
-        tie = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
-        if value.numel() == 0 or tie not in clones:
-            clones[tie] = value.detach().clone()
-        out[key] = clones[tie]
-    return out

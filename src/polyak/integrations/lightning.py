@@ -14,9 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+from polyak import export
 from polyak.errors import CheckpointError
-from polyak.integrations._checkpoint_entry import check_entry, checkpoint_step, make_entry
-from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
+from polyak.integrations._checkpoint_entry import (
+    MARKER,
+    check_entry,
+    checkpoint_step,
+    fill_from_state_dict,
+    make_entry,
+)
+from polyak.integrations._common import Averaging, rng_untouched
 from polyak.types import DecayLike, EMAOptions
 
 if TYPE_CHECKING:
@@ -67,8 +74,20 @@ class EMACallback(pl.Callback):
       against its schema and that step must equal the checkpoint's own ``global_step``
       (an entry grafted from another checkpoint is a :class:`polyak.CheckpointError`).
     * ``on_save_checkpoint`` / ``on_load_checkpoint`` (``save_average_as_weights=True``): the
-      checkpoint's ``state_dict`` holds the average, the live weights move into the callback's
-      entry and are put back when ``fit`` resumes.
+      checkpoint's ``state_dict`` holds the average (:func:`polyak.export.averaged_state_dict`),
+      the live weights move into the callback's entry and are put back when ``fit`` resumes.
+      The average is not kept a second time in the entry (the tensors whose dtype the
+      ``state_dict`` keeps are taken from it on resume): two model-size copies, as Lightning's
+      ``EMAWeightAveraging``. Such a checkpoint is marked twice: a top-level
+      ``"polyak_state_dict"`` (``{"holds": "average", ...}``) and an entry under ``callbacks``
+      whose key says so, which Lightning's own warning names when the checkpoint is resumed
+      without this callback (which would train on from the average).
+    * ``should_update(step_idx=..., epoch_idx=...)``: called after each optimizer step and at
+      each epoch end, as Lightning's ``WeightAveraging.should_update``; the default updates
+      after every step. Override it to update less often: the steps in between are covered by
+      the next update (``decay**k``, the horizon does not change). ``start_epoch=E``: the
+      average starts as a copy of the weights when epoch ``E`` starts (Lightning's
+      ``update_starting_at_epoch``); before, the live weights are evaluated.
     * ``on_fit_end``: copies an average into the model if ``final_weights`` asks.
 
     ``evaluate="both"`` runs each validation (and ``trainer.validate``/``test``) twice: the
@@ -90,6 +109,7 @@ class EMACallback(pl.Callback):
             ``Module.load_from_checkpoint`` gives it), keeping the live weights for resume in the
             callback's entry. Checkpoints saved with ``save_weights_only=True`` get no callback
             hooks from Lightning and keep the live weights; not available under FSDP2.
+        start_epoch: the epoch (0-based) at whose start the average begins (default 0).
         **ema_kwargs: any other :class:`polyak.EMA` argument (``buffers``, ``update_every``,
             ``start_step``, ``include``, ``dtype``, ...).
 
@@ -117,12 +137,16 @@ class EMACallback(pl.Callback):
         average: str | None = None,
         final_weights: str = "live",
         save_average_as_weights: bool = False,
+        start_epoch: int = 0,
         **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         if not isinstance(save_average_as_weights, bool):
             raise TypeError(
                 f"save_average_as_weights must be True or False, got {save_average_as_weights!r}"
             )
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}")
+        self.start_epoch = start_epoch
         self._avg = Averaging(
             decay,
             evaluate=evaluate,
@@ -160,12 +184,24 @@ class EMACallback(pl.Callback):
         self._trainer = trainer
         if self._avg.evaluate == "both":
             self._wrap_evaluation(trainer, stage)
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(c, _Marked) for c in callbacks):  # see _Marked
+            callbacks.append(_Marked())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema is None or self._model is not pl_module:
-            self._build(pl_module)
         if not trainer.optimizers:
             raise ValueError("EMACallback: the LightningModule configures no optimizer to follow")
+        if self.ema is None and trainer.current_epoch < self.start_epoch:
+            return  # the average starts with epoch start_epoch
+        self._start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ema is None and trainer.current_epoch >= self.start_epoch:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ema is None or self._model is not pl_module:
+            self._build(pl_module)
         self._avg.count_steps(trainer.optimizers[0])
         if self.save_average_as_weights and any(t.sharded for t in self._built().layout().values()):
             raise ValueError(
@@ -174,8 +210,20 @@ class EMACallback(pl.Callback):
                 "cb.ema.state_dict(full=True) instead"
             )
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._avg.update()
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to update the averages now: after the optimizer step ``step_idx`` (0-based,
+        ``epoch_idx`` is ``None``) or at the end of epoch ``epoch_idx`` (``step_idx`` is
+        ``None``), as Lightning's ``WeightAveraging.should_update``. Default: after every
+        step. The steps an update skips are covered by the next one (``decay**k``)."""
+        return step_idx is not None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.should_update(step_idx=trainer.global_step - 1):
+            self._avg.update()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.should_update(epoch_idx=trainer.current_epoch):
+            self._avg.update()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._avg.release()
@@ -189,8 +237,12 @@ class EMACallback(pl.Callback):
         self._clean_up()
 
     def _clean_up(self) -> None:
-        """The live weights back in the model, the evaluation loop's own ``run`` back."""
+        """The live weights back in the model, the evaluation loop's own ``run`` back, the
+        trainer's callbacks as they were."""
         self._swap_out()
+        trainer: Any = self._trainer
+        if trainer is not None:
+            trainer.callbacks = [c for c in trainer.callbacks if type(c) is not _Marked]
         if self._wrapped is not None:
             loop, _ = self._wrapped
             del vars(loop)["run"]
@@ -303,6 +355,12 @@ class EMACallback(pl.Callback):
         where, step = self._checkpoint or ("EMACallback.load_state_dict()", None)
         self._checkpoint = None
         entry = check_entry(state_dict, where, step)
+        if "in_state_dict" in entry:  # on_load_checkpoint fills it from the checkpoint
+            raise CheckpointError(
+                f"{where}: the average {entry['in_state_dict']['average']!r} is kept in the "
+                "checkpoint's state_dict (save_average_as_weights=True): resume through "
+                "Trainer.fit(ckpt_path=...), which reads both"
+            )
         self._avg.load(entry["ema"], f"{where}['ema']")
         self._loaded_step = entry["global_step"]
 
@@ -311,11 +369,24 @@ class EMACallback(pl.Callback):
     ) -> None:
         if not self.save_average_as_weights or not self._avg.has_average():
             return
-        averaged = state_dict_of_average(
-            self._avg, pl_module, trainer.strategy.lightning_module_state_dict
-        )
-        entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+        name = self._avg.average
+        averaged = export.averaged_state_dict(self._built(), name)
+        callbacks = checkpoint.setdefault("callbacks", {})
+        entry = callbacks.setdefault(self.state_key, {})
+        ema = entry.get("ema")
+        if isinstance(ema, dict) and name in ema.get("averages", {}):
+            table = ema["averages"][name]  # kept once, in the state_dict, where it is exact
+            shared = [
+                k
+                for k, v in table.items()
+                if k in averaged and averaged[k].dtype == v.dtype and averaged[k].shape == v.shape
+            ]
+            rest = {k: v for k, v in table.items() if k not in set(shared)}
+            entry["ema"] = {**ema, "averages": {**ema["averages"], name: rest}}
+            entry["in_state_dict"] = {"average": name, "names": shared}
         entry["live_state_dict"], checkpoint["state_dict"] = checkpoint["state_dict"], averaged
+        marker = {"holds": "average", "average": name, "callback": self.state_key}
+        checkpoint[MARKER], callbacks[_Marked.KEY] = marker, marker
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -326,6 +397,7 @@ class EMACallback(pl.Callback):
             where = f"{trainer.ckpt_path or 'the checkpoint'}: callbacks[{self.state_key!r}]"
             step = checkpoint_step(checkpoint, str(trainer.ckpt_path or "the checkpoint"))
             check_entry(entry, where, step)
+            fill_from_state_dict(entry, checkpoint.get("state_dict"), where)
             self._checkpoint = (where, step)
         if trainer.state.fn != "fit":
             return  # validate/test/predict(ckpt_path=...) evaluate what the checkpoint holds
@@ -346,3 +418,20 @@ class EMACallback(pl.Callback):
             trainer.strategy.load_model_state_dict(
                 {"state_dict": entry["live_state_dict"]}, strict=pl_module.strict_loading
             )
+
+
+class _Marked(pl.Callback):
+    """Owns the entry ``on_save_checkpoint`` adds under ``callbacks`` to a checkpoint whose
+    ``state_dict`` holds an average. Lightning warns, naming every entry of a checkpoint that
+    no callback of the resuming ``Trainer`` owns: without ``EMACallback`` (whose ``setup`` adds
+    this one) the warning quotes :attr:`KEY`; with it, nothing is said."""
+
+    KEY = (
+        "polyak: the state_dict of this checkpoint holds an EMA average, not the training "
+        "weights; resume it with polyak's EMACallback(save_average_as_weights=True), which puts "
+        "the training weights back"
+    )
+
+    @property
+    def state_key(self) -> str:
+        return self.KEY

@@ -15,7 +15,10 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from polyak.integrations._common import Averaging, rng_untouched, state_dict_of_average
+import torch
+
+from polyak import export
+from polyak.integrations._common import Averaging, rng_untouched
 from polyak.integrations._ema_files import save_ema_files
 from polyak.integrations._identity import RECORD, read_own_files, recorded_run
 from polyak.types import DecayLike, EMAOptions
@@ -65,10 +68,11 @@ class EMACallback(TrainerCallback, ExportableState):
     * ``on_step_end``: one update per optimizer step (``gradient_accumulation_steps`` respected;
       a step a gradient scaler skipped does not count).
     * ``evaluate()`` (direct, or periodic through ``eval_strategy``): on the average
-      (``evaluate="average"``), the live weights (``"live"``), or both (``"both"``): the
-      averaged pass uses ``metric_key_prefix`` + ``"_ema"`` (``eval_ema_loss``; with several
-      averages ``eval_ema[<name>]_loss``), and ``on_evaluate`` fires once with both sets, so
-      ``metric_for_best_model="ema_loss"`` and ``EarlyStoppingCallback`` see them. The
+      (``evaluate="average"``), the live weights (``"live"``), or all (``"both"``): each
+      average is evaluated with ``metric_key_prefix`` + ``"_ema"`` (``eval_ema_loss``; with
+      several averages each one's, ``eval_ema_<name>_loss``), then the live weights; the
+      metrics are logged in one ``log_history`` row and ``on_evaluate`` fires once with all
+      of them, so ``metric_for_best_model="ema_loss"`` and ``EarlyStoppingCallback`` see them. The
       weights are swapped (pointers, no copy) and always given back bit for bit; never swapped
       before the first update. ``predict()`` uses the average unless ``evaluate="live"``.
     * ``on_save``: writes ``checkpoint-N/polyak_ema.<hash>.safetensors`` (tensors) and
@@ -230,20 +234,28 @@ class EMACallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {RECORD: self._run}}
 
     # ----------------------------------------------------------------- export
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Write the evaluated average with the model's own ``save_pretrained`` (same keys,
-        dtype, config, sharded safetensors), so ``from_pretrained(save_directory)`` loads it.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the evaluated average with :func:`polyak.export.save_pretrained`: the model's
+        own ``save_pretrained`` (same keys, config, sharded safetensors; a PEFT model's adapter
+        folder), all or none, with the average's metadata in each file, so
+        ``from_pretrained(save_directory)`` loads it.
 
-        ``kwargs`` go to ``save_pretrained`` (``max_shard_size``, ...); the process that writes
-        is the one the Trainer saves from (``is_main_process=args.should_save`` unless given).
-        Distributed (DDP, FSDP2, ZeRO-3, whose partitions are gathered), every rank calls it.
+        Args:
+            dtype: floating dtype of the weights (default: the model's own).
+            **kwargs: go to the model's ``save_pretrained`` (``max_shard_size``, ...).
+
+        Distributed (DDP, ZeRO-3, whose partitions are gathered), every rank calls it; the
+        process that writes is the one the Trainer saves from (``args.should_save``).
         """
-        if self._trainer is None or not self._avg.has_average():
+        if self._trainer is None or self.ema is None or not self._avg.has_average():
             raise RuntimeError("EMACallback.save_pretrained: no average yet; train first")
-        model = self._trainer.model
-        state = state_dict_of_average(self._avg, model)
         kwargs.setdefault("is_main_process", self._trainer.args.should_save)
-        model.save_pretrained(save_directory, state_dict=state, **kwargs)
+        export.save_pretrained(self.ema, save_directory, self._avg.average, dtype, **kwargs)
 
     # ----------------------------------------------------------------- internals
     def _load(self, directory: str | os.PathLike[str], run: str, step: int, at: str) -> None:
@@ -321,23 +333,34 @@ class EMACallback(TrainerCallback, ExportableState):
         self, evaluate: Callable[..., dict[str, float]], *args: Any
     ) -> dict[str, float]:
         eval_dataset, ignore_keys, prefix = args
-        trainer = self._trainer
-        assert trainer is not None
+        trainer, ema = self._trainer, self.ema
+        assert trainer is not None and ema is not None
         handler = trainer.callback_handler
-        vars(handler)["on_evaluate"] = _no_event  # one on_evaluate, with both sets, follows
+        vars(handler)["on_evaluate"] = _no_event  # one on_evaluate, with every set, follows
+        vars(trainer)["log"] = _no_log  # and one log_history row
+        averaged: dict[str, float] = {}
         try:
-            with rng_untouched(trainer.model), self._avg.swapped(trainer.model):
-                averaged = evaluate(eval_dataset, ignore_keys, f"{prefix}_{self._avg.label}")
+            for name in ema.names:
+                label = "ema" if len(ema.names) == 1 else f"ema_{name}"
+                with rng_untouched(trainer.model), ema.swapped(trainer.model, name=name):
+                    averaged.update(evaluate(eval_dataset, ignore_keys, f"{prefix}_{label}"))
             live = evaluate(eval_dataset, ignore_keys, prefix)
         finally:
             del vars(handler)["on_evaluate"]
+            del vars(trainer)["log"]
         metrics = {**live, **averaged}
+        trainer.log(metrics)
         trainer.control = handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
         return metrics
 
 
 def _no_event(args: Any, state: Any, control: Any, metrics: Any) -> Any:
     return control
+
+
+def _no_log(logs: Any, *args: Any, **kwargs: Any) -> None:
+    """``Trainer.log`` inside one pass of ``evaluate="both"``: the caller logs every pass's
+    metrics together once."""
 
 
 def _find_trainer(callback: EMACallback) -> Trainer | None:

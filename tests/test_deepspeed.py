@@ -220,3 +220,27 @@ def test_accelerate_with_a_zero3_plugin_checkpoints_the_gathered_average_and_res
         for k, ref in table.items():
             got = res["whole"]["averages"][avg][k].double()
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6, msg=f"{avg} {k}")
+
+
+def test_the_zero3_benchmark_counts_no_collective_and_a_partition_of_the_bytes_per_rank(tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    script = root / "benchmarks" / "zero3.py"
+    cmd = [sys.executable, str(script), "--quick", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    (result,) = tmp_path.glob("*_zero3_*_quick.json")
+    (row,) = json.loads(result.read_text())["rows"]
+    assert len(row["ranks"]) == 2
+    for rank in row["ranks"]:
+        counts, held = rank["collectives_per_update"], rank["bytes"]
+        assert counts["polyak"] == 0 and counts["bare"] == 0 and counts["gather"] > 0
+        assert held["gather"] == rank["full_model_bytes"]  # a full copy on every rank
+        # the valid part of this rank's partitions, + the storage's alignment padding
+        assert held["bare"] <= held["polyak"] <= held["bare"] + 64 * row["layers"] * 2
+    total = sum(r["bytes"]["bare"] for r in row["ranks"])
+    assert total == row["ranks"][0]["full_model_bytes"]  # the partitions cover the model once

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from polyak._torch import zero
 from polyak._torch.flat_params import describe_skipped, flatten_
 from polyak._torch.groups import Gate, Group, plan_groups
 from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
@@ -201,7 +202,13 @@ class Binding:
                 UserWarning,
                 stacklevel=5,
             )
-        self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
+        # (index, entry, the ZeRO-3 parameter): DeepSpeed's parameter table is slow to read at
+        # every update, and DeepSpeed never replaces a parameter object (FSDP2 does: re-read)
+        self.sharded = [
+            (i, e, raw if zero.is_partitioned(raw := e.raw()) else None)
+            for i, e in enumerate(self.entries)
+            if e.name in sharded
+        ]
         self.watch = Watch(self.root, self.lives, self.owned, [e.raw() for e in self.frozen])
 
     def _gate(self, device: torch.device) -> Gate:
@@ -228,7 +235,11 @@ class Binding:
         if self.fsdp:
             reshard(self.fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
         if self.watch.changed() or (
-            self.sharded and any(not same_local(e.raw(), self.lives[i]) for i, e in self.sharded)
+            self.sharded
+            and any(
+                not same_local(e.raw() if p is None else p, self.lives[i])
+                for i, e, p in self.sharded
+            )
         ):
             self.refresh()
 

@@ -244,3 +244,56 @@ def test_the_zero3_benchmark_counts_no_collective_and_a_partition_of_the_bytes_p
         assert held["bare"] <= held["polyak"] <= held["bare"] + 64 * row["layers"] * 2
     total = sum(r["bytes"]["bare"] for r in row["ranks"])
     assert total == row["ranks"][0]["full_model_bytes"]  # the partitions cover the model once
+
+
+def test_lightning_deepspeed_strategy_refuses_the_cpu_as_the_guide_says(monkeypatch):
+    """Lightning 2.6's DeepSpeedStrategy runs on CUDA only: the guide quotes this error. When
+    it passes on CPU some day, this fails: test polyak's Lightning callback under it then."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from polyak.integrations.lightning import EMACallback
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), 4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=DeepSpeedStrategy(stage=3),
+        max_steps=2,
+        callbacks=[EMACallback(decay=0.9)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(RuntimeError, match="only supported on CUDA GPUs but `CPUAccelerator`"):
+        trainer.fit(Net(), data)
+
+
+def test_the_example_trains_on_two_processes_and_reloads_the_average_in_one():
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(root / "examples" / "deepspeed_zero3.py"), "--fast"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = re.search(r"averaged (\S+) \(reloaded in one process: (\S+)\)", done.stdout)
+    assert found and found[1] == found[2], done.stdout  # the gathered average, bit for bit
+    held = re.search(r"per rank: (\S+) KiB, unsharded: (\S+) KiB", done.stdout)
+    assert held and float(held[1]) <= float(held[2]) / 2 + 1, done.stdout

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import polyak
+import polyak.export
 from dist_workers import COLLECTIVES
 
 DECAYS = {"a": 0.9, "p": polyak.schedules.power(sigma_rel=0.1)}
@@ -349,6 +350,16 @@ def save_resume_and_fsdp(rank: int, world: int, out: str) -> None:
                 torch.save(full, f"{out}/full3.pt")
             engine.save_checkpoint(f"{out}/ckpt", tag="step3")
     final = ema.state_dict(full=True, rank0_only=False)  # on every rank
+    if rank == 1:  # inf/nan in one rank's partition: export must stop both ranks, not hang
+        with torch.no_grad():
+            ema.averaged_tensors("a")["2.weight"].fill_(float("nan"))
+    try:
+        polyak.export.averaged_state_dict(ema, "a")
+        error = None
+    except polyak.NonFiniteError as e:
+        error = str(e)
+    export_errors: list[Any] = [None] * world
+    dist.all_gather_object(export_errors, error)
     engine.destroy()
     resumed = {}
     for source in ("rank", "full"):
@@ -373,7 +384,15 @@ def save_resume_and_fsdp(rank: int, world: int, out: str) -> None:
         refused = str(e)
     if rank == 0:
         torch.save(final, f"{out}/final.pt")
-        torch.save({"resumed": resumed, "fsdp": fsdp_full, "refused": refused}, f"{out}/out.pt")
+        torch.save(
+            {
+                "resumed": resumed,
+                "fsdp": fsdp_full,
+                "refused": refused,
+                "export_errors": export_errors,
+            },
+            f"{out}/out.pt",
+        )
 
 
 def load_at_three_ranks(rank: int, world: int, out: str) -> None:

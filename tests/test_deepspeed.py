@@ -143,6 +143,13 @@ def test_resume_from_per_rank_or_full_states_is_bit_for_bit_and_fsdp2_loads_it(s
         plain.load_state_dict(per_rank)
 
 
+def test_export_stops_every_rank_when_one_rank_holds_a_nonfinite_partition(saved):
+    res = torch.load(saved / "out.pt", weights_only=True)
+    first, second = res["export_errors"]  # rank 1's partition of 2.weight holds nan
+    assert first is not None and "'a' holds inf/nan on another rank" in first
+    assert second is not None and "'a' holds inf/nan in ['2.weight']" in second
+
+
 def test_a_two_rank_zero3_state_loads_on_three_ranks_under_zero2_and_zero3(saved):
     from deepspeed_workers import load_at_three_ranks
 

@@ -60,8 +60,12 @@ def averaged_state_dict(
     gives each tensor in the model's own dtype (what ``model.state_dict()`` holds inside
     ``ema.swapped(model)``). Integer tensors keep theirs. Tied tensors stay tied (one copy).
 
+    Under DeepSpeed ZeRO-3 every rank calls it (the averaged partitions are gathered, and the
+    inf/nan check is agreed between the ranks first), and every rank gets the full state.
+
     Raises:
-        polyak.NonFiniteError: the average holds inf/nan (nothing to deploy).
+        polyak.NonFiniteError: the average holds inf/nan (nothing to deploy); under ZeRO-3 on
+            every rank when one rank's partitions do.
         TypeError: ``dtype`` is not a floating torch dtype.
 
     Example:
@@ -73,13 +77,14 @@ def averaged_state_dict(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    model = unwrap(ema.model)
     bad = ema.nonfinite_tensors(name)
-    if bad:
+    if zero.on_any_rank(bool(bad), model):  # ZeRO-3: every rank stops, not only this one
+        where = f"in {bad[:5]}" if bad else "on another rank"
         raise NonFiniteError(
-            f"average {name or ema.names[0]!r} holds inf/nan in {bad[:5]}: nothing was exported",
+            f"average {name or ema.names[0]!r} holds inf/nan {where}: nothing was exported",
             bad,
         )
-    model = unwrap(ema.model)
     model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     copies: dict[tuple[Any, ...], torch.Tensor] = {}
     out = {}

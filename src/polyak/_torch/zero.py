@@ -40,6 +40,7 @@ __all__ = [
     "gather",
     "gathered",
     "is_partitioned",
+    "on_any_rank",
     "partition",
     "release",
     "same_partition",
@@ -232,6 +233,20 @@ def release(params: Iterable[Any]) -> None:
     held = [p for p in params if is_partitioned(p) and _available(p)]
     if held:
         held[0].partition(held)
+
+
+def on_any_rank(flag: bool, model: nn.Module) -> bool:
+    """``flag`` is true on some rank of ``model``'s ZeRO-3 partition group (one all-reduce that
+    every rank joins): a check that fails on one rank only must stop every rank before a
+    gather, or the others wait for it. ``flag`` itself for a model without ZeRO-3 parameters."""
+    p: Any = next((p for p in model.parameters() if is_partitioned(p)), None)
+    if p is None:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=p.ds_tensor.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=p.ds_process_group)
+    return bool(t.item())
 
 
 @contextlib.contextmanager

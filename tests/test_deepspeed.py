@@ -253,40 +253,49 @@ def test_the_zero3_benchmark_counts_no_collective_and_a_partition_of_the_bytes_p
     assert total == row["ranks"][0]["full_model_bytes"]  # the partitions cover the model once
 
 
-def test_lightning_deepspeed_strategy_refuses_the_cpu_as_the_guide_says(monkeypatch):
+_LIGHTNING = """
+import torch, lightning.pytorch as pl
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from polyak.integrations.lightning import EMACallback
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, _):
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), 4)
+trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=3),
+                     max_steps=2, callbacks=[EMACallback(decay=0.9)], logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False)
+trainer.fit(Net(), data)
+"""
+
+
+def test_lightning_deepspeed_strategy_refuses_the_cpu_as_the_guide_says(tmp_path):
     """Lightning 2.6's DeepSpeedStrategy runs on CUDA only: the guide quotes this error. When
-    it passes on CPU some day, this fails: test polyak's Lightning callback under it then."""
-    pl = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    it runs on CPU some day, this fails: test polyak's Lightning callback under it then. In a
+    process of its own: Lightning sets MASTER_PORT, LOCAL_RANK, ... in the environment."""
+    import os
+    import subprocess
+    from pathlib import Path
 
-    from polyak.integrations.lightning import EMACallback
-
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-    class Net(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 2)
-
-        def training_step(self, batch, _):
-            return self.layer(batch[0]).square().mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), 4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=DeepSpeedStrategy(stage=3),
-        max_steps=2,
-        callbacks=[EMACallback(decay=0.9)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
-    with pytest.raises(RuntimeError, match="only supported on CUDA GPUs but `CPUAccelerator`"):
-        trainer.fit(Net(), data)
+    pytest.importorskip("lightning.pytorch")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-c", _LIGHTNING]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "RuntimeError: The DeepSpeed strategy is only supported on CUDA GPUs but "
+        "`CPUAccelerator` is used."
+    ), done.stderr[-2000:]
 
 
 def test_the_example_trains_on_two_processes_and_reloads_the_average_in_one():

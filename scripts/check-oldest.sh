@@ -18,7 +18,8 @@ printf 'torch==%s.*\nnumpy==%s.*\n' "$torch_v" "$numpy_v" > "$work/floors.txt"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
 pip=("$py" -m pip install --quiet --disable-pip-version-check -c "$work/floors.txt")
-.venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$work/dist" .
+mkdir "$work/pkg" && cp -r src pyproject.toml README.md LICENSE "$work/pkg/"  # builds out of the tree
+"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$work/dist" "$work/pkg"
 wheel=$(ls "$work"/dist/polyak-*.whl)
 "${pip[@]}" "torch==$torch_v.*" "numpy==$numpy_v.*"
 "${pip[@]}" "$wheel[torch,study]" pytest hypothesis scipy

@@ -6,16 +6,16 @@
 #                                  #     (jax, optax, flax, equinox: polyak.jax and its peers) and
 #                                  #     the frameworks the callbacks integrate with (lightning,
 #                                  #     transformers, accelerate, deepspeed; none needs
-#                                  #     torchvision). DeepSpeed builds from its sdist (~45 s, no
+#                                  #     torchvision; DeepSpeed builds from its sdist, ~45 s, no
 #                                  #     C++: its ops compile only when used, and the tests use
-#                                  #     none)
+#                                  #     none) and the docs site's tools (mkdocs, scripts/docs.sh)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="torch,study"
-if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev,jax"; fi
+if [ "${1:-}" = "--test" ]; then extras="torch,study,test,dev,docs,jax"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)

@@ -1,11 +1,17 @@
-"""Every ```python block of each ``docs/guides/*.md`` page runs as-is, top to bottom in one
-namespace, on CPU (each page in its own temporary working folder).
+"""Every ```python block of the docs runs as-is, top to bottom in one namespace per page, on CPU
+(each page in its own temporary working folder).
+
+A block that is only an include of an example (``--8<-- "examples/x.py"``, shown in full on the
+site) is run by ``tests/test_examples.py`` instead; here the file must exist. ```bash blocks
+(install commands, ``torchrun``) and ```text blocks (output) are not run.
 
 Pages in ``OWN_PROCESS`` run in a fresh interpreter, in the slow tier: they start a process
-group and set DeepSpeed's environment variables, which no other test may inherit."""
+group and set DeepSpeed's environment variables, which no other test may inherit.
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -16,25 +22,60 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
-OWN_PROCESS = {"deepspeed": "deepspeed"}  # page: the package it needs
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
+PAGES = [
+    p for p in sorted((ROOT / "docs").rglob("*.md")) if re.search(r"```python\n", p.read_text())
+]
+OWN_PROCESS = {"guides/deepspeed.md"}
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT / "docs").as_posix()
 
 
 def _pages():
-    for page in GUIDES:
-        marks = [pytest.mark.slow] if page.stem in OWN_PROCESS else []
-        yield pytest.param(page, id=page.stem, marks=marks)
+    for page in PAGES:
+        marks = [pytest.mark.slow] if _name(page) in OWN_PROCESS else []
+        yield pytest.param(page, id=_name(page), marks=marks)
+
+
+def _blocks(page: Path) -> tuple[list[str], list[str]]:
+    code, included = [], []
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+        lines = block.strip().splitlines()
+        if len(lines) == 1 and INCLUDE.match(lines[0]):
+            included.append(INCLUDE.match(lines[0]).group(1))  # type: ignore[union-attr]
+        else:
+            code.append(block)
+    return code, included
+
+
+def _imports(code: list[str]) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse("\n".join(code))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_pages_with_code_are_found():
+    names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
+    assert {"guides/quickstart.md", "guides/posthoc.md", "guides/numpy.md"} <= names
 
 
 @pytest.mark.parametrize("page", list(_pages()))
-def test_guide_code_runs(page, tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert blocks, f"{page.name} has no python block"
-    if page.stem in OWN_PROCESS:
-        if importlib.util.find_spec(OWN_PROCESS[page.stem]) is None:
-            pytest.skip(f"{OWN_PROCESS[page.stem]} not installed")
-        script = tmp_path / f"guide_{page.stem}.py"  # not deepspeed.py: it would shadow it
-        script.write_text("\n".join(blocks))
+def test_docs_code_runs(page, tmp_path, monkeypatch):
+    code, included = _blocks(page)
+    for path in included:
+        assert path.startswith("examples/") and (ROOT / path).is_file(), path
+    missing = sorted(name for name in _imports(code) if importlib.util.find_spec(name) is None)
+    if missing:  # the oldest-versions job installs only what polyak requires
+        pytest.skip(f"{', '.join(missing)} not installed")
+    if _name(page) in OWN_PROCESS:
+        script = tmp_path / "guide_page.py"  # not deepspeed.py: it would shadow the package
+        script.write_text("\n".join(code))
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, str(script)]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -42,5 +83,5 @@ def test_guide_code_runs(page, tmp_path, monkeypatch):
         return
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"{page.name} block {i + 1}", "exec"), namespace)
+    for i, block in enumerate(code):
+        exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)

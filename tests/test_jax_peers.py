@@ -200,13 +200,13 @@ def test_an_equinox_model_s_arrays_and_a_named_error_for_the_rest():
         pj.init(model, 0.9)
 
 
-def test_readme_jax_block_runs():
+def test_the_jax_guide_block_runs():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("## JAX\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "jax.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
-    exec(compile(code, "README jax", "exec"), scope)
+    exec(compile(code, "docs/guides/jax.md", "exec"), scope)
     assert int(scope["ema"].step) == 100 and scope["ema"].names == ("ema", "edm2")
     assert scope["avg"]["w"].shape == (10, 1)
 

@@ -254,24 +254,23 @@ def test_chunks_across_tensors_and_several_passes_give_the_same_result(run, monk
                 assert error <= bound, (rec.label, name, error, bound)
 
 
-def test_the_readme_example_runs(monkeypatch, tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Post-hoc EMA\n")[1].split("\n## ")[0]
-    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+def test_the_guide_example_runs(monkeypatch, tmp_path):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "posthoc.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", page, flags=re.S)[0]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README post-hoc", "exec"), scope)
+    exec(compile(code, "docs/guides/posthoc.md", "exec"), scope)
     assert scope["avg"].fit < 3e-3 and len(scope["sweep"]) == 5
 
 
-def test_the_readme_accuracy_table_is_the_committed_benchmark_result():
+def test_the_guide_accuracy_table_is_the_committed_benchmark_result():
     root = Path(__file__).resolve().parents[1]
     results = sorted((root / "benchmarks" / "results").glob("*_posthoc_*[0-9].json"))
     assert results, "no committed benchmarks/posthoc.py result"
     report = runpy.run_path(str(root / "benchmarks" / "posthoc_report.py"))
     table = report["readme_table"](json.loads(results[-1].read_text()))
-    readme = (root / "README.md").read_text()
-    block = readme.split("<!-- posthoc-table:start -->\n")[1].split("\n<!-- posthoc-table:end")[0]
+    page = (root / "docs" / "guides" / "posthoc.md").read_text()
+    block = page.split("<!-- posthoc-table:start -->\n")[1].split("\n<!-- posthoc-table:end")[0]
     assert block.strip() == table.strip()
 
 

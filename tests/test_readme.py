@@ -35,15 +35,11 @@ def test_quickstart_block_runs(tmp_path, monkeypatch):
     assert (tmp_path / "ema.pt").is_file()
 
 
-def test_numpy_block_runs():
-    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[1]
-    exec(compile(code, "README numpy", "exec"), {})
-
-
 def test_horizon_table_matches_the_code():
     table = runpy.run_path(str(ROOT / "examples" / "horizon_table.py"))
     text = table["decay_table"]() + "\n\n" + table["power_table"]()
-    block = README.split("<!-- horizon-table:start -->\n")[1].split("\n<!-- horizon-table:end")[0]
+    page = (ROOT / "docs" / "guides" / "horizon.md").read_text()
+    block = page.split("<!-- horizon-table:start -->\n")[1].split("\n<!-- horizon-table:end")[0]
     assert block.strip() == text.strip()
 
 
@@ -66,3 +62,9 @@ def test_pytest_exits_nonzero_when_no_tests_run(tmp_path):
     # .ci/run relies on pytest failing (exit 5) when nothing is collected.
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(tmp_path)], capture_output=True)
     assert r.returncode == 5
+
+
+def test_the_command_line_page_is_the_parser():
+    page = runpy.run_path(str(ROOT / "scripts" / "cli_reference.py"))
+    text = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    assert text == page["render"](), "run: python scripts/cli_reference.py"

@@ -77,7 +77,7 @@ def halflife_to_decay(halflife_steps: float) -> float:
     Returns:
         The decay in ``(0, 1)``.
 
-    Example:
+    Examples:
         >>> round(halflife_to_decay(693.0), 6)
         0.999
         >>> halflife_to_decay(1)
@@ -95,7 +95,7 @@ def decay_to_halflife(decay: float) -> float:
     Returns:
         The number of steps after which a value keeps half its weight.
 
-    Example:
+    Examples:
         >>> round(decay_to_halflife(0.999), 1)
         692.8
         >>> decay_to_halflife(0.5)
@@ -119,7 +119,7 @@ def scale_decay(decay: float, kappa: float) -> float:
     Returns:
         The scaled decay.
 
-    Example:
+    Examples:
         >>> round(scale_decay(0.999, 8), 5)
         0.99203
         >>> scale_decay(0.25, 0.5)
@@ -141,7 +141,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     Returns:
         ``sigma_rel`` in ``(0, 12**-0.5]``.
 
-    Example:
+    Examples:
         >>> round(gamma_to_sigma_rel(6.94), 3)
         0.1
         >>> gamma_to_sigma_rel(0.0) == 12**-0.5
@@ -170,7 +170,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Returns:
         ``gamma > 0``.
 
-    Example:
+    Examples:
         >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
         (16.97, 6.94)
     """
@@ -207,7 +207,7 @@ def decay_to_sigma_rel(decay: float, total_steps: float) -> float:
         decay: a decay in ``(0, 1)``.
         total_steps: the run length ``> 0`` in steps.
 
-    Example:
+    Examples:
         >>> round(decay_to_sigma_rel(0.9999, 100_000), 3)
         0.1
     """
@@ -220,7 +220,7 @@ def sigma_rel_to_decay(sigma_rel: float, total_steps: float) -> float:
 
     Inverse of :func:`decay_to_sigma_rel`: solves ``sqrt(d)/(1-d) = sigma_rel * total_steps``.
 
-    Example:
+    Examples:
         >>> round(sigma_rel_to_decay(0.1, 100_000), 6)
         0.9999
     """

@@ -12,7 +12,7 @@ def check_names(expected: Iterable[str], given: Iterable[str], what: str) -> Non
 
     The order of the names does not matter; the message lists them in their own order.
 
-    Example:
+    Examples:
         >>> check_names(["a", "b"], ["b", "c"], "the state")
         Traceback (most recent call last):
         ...

@@ -80,7 +80,7 @@ class ArrayEMA(TimelineViews):
         start_step: calls up to this step copy the values instead of averaging.
         nonfinite: ``"propagate"``, ``"raise"`` or ``"skip"`` (see above).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> ema = ArrayEMA(np.zeros(2), decay=0.5)
         >>> ema.update(np.ones(2))
@@ -242,7 +242,7 @@ class ArrayEMA(TimelineViews):
         array; ``path`` is used as given (no suffix is added). A crash while writing leaves the
         previous file. Warns when an average holds inf/nan (:meth:`load` would refuse it).
 
-        Example:
+        Examples:
             >>> import numpy as np, tempfile, os
             >>> ema = ArrayEMA({"w": np.zeros(2)}, decay=0.5)
             >>> ema.update({"w": np.ones(2)})

@@ -68,7 +68,7 @@ def averaged_state_dict(
             every rank when one rank's partitions do.
         TypeError: ``dtype`` is not a floating torch dtype.
 
-    Example:
+    Examples:
         >>> import torch, polyak, polyak.export
         >>> ema = polyak.EMA(torch.nn.Linear(4, 2), decay=0.9)
         >>> state = polyak.export.averaged_state_dict(ema, dtype=torch.bfloat16)
@@ -118,7 +118,7 @@ def metadata(ema: EMA, name: str | None = None, dtype: torch.dtype | None = None
     file holds: the format, the average's name, its schedule (JSON), the optimizer steps and
     updates it saw, the update period and start step, the dtype, and the polyak version.
 
-    Example:
+    Examples:
         >>> import torch, polyak, polyak.export
         >>> ema = polyak.EMA(torch.nn.Linear(4, 2), decay=polyak.schedules.power(gamma=7))
         >>> ema.update()
@@ -170,7 +170,7 @@ def save(
     Returns:
         ``path``, as a :class:`pathlib.Path`.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak, polyak.export
         >>> from safetensors import safe_open
         >>> model = torch.nn.Linear(4, 2)
@@ -227,7 +227,7 @@ def save_pretrained(
     Returns:
         ``directory``, as a :class:`pathlib.Path`.
 
-    Example:
+    Examples:
         >>> ema = polyak.EMA(peft_model, decay=0.999)                  # doctest: +SKIP
         >>> polyak.export.save_pretrained(ema, "adapter-ema")          # doctest: +SKIP
         >>> PeftModel.from_pretrained(base_model, "adapter-ema")       # doctest: +SKIP

@@ -124,7 +124,7 @@ class Outputs:
     all into place once every one is complete. Used as a context manager, any exception before
     the commit removes the temporary files and replaces nothing.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp())
         >>> with Outputs() as out:

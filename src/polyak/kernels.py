@@ -201,7 +201,7 @@ def ema_update_(avg: T, value: T, decay: float) -> T:
         TypeError: non-float arrays, mixed NumPy/torch, or an unsupported container.
         ValueError: ``decay`` outside [0, 1], or mismatched shapes, keys or lengths.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> avg = np.zeros(3)
         >>> ema_update_(avg, np.ones(3), decay=0.9)
@@ -226,7 +226,7 @@ def ema_update(avg: T, value: T, decay: float) -> T:
     Same structures and checks as :func:`ema_update_`. The result has the promoted dtype of
     ``avg`` and ``value`` (for example float32 and float64 give float64).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> ema_update(np.array([1.0, 2.0]), np.array([3.0, 4.0]), decay=0.5)
         array([2., 3.])

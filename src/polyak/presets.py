@@ -32,7 +32,7 @@ def morales_brotons(period: int = 16) -> dict[str, Any]:
     Returns:
         ``{"decay": {name: schedule}, "update_every": period}``.
 
-    Example:
+    Examples:
         >>> kw = morales_brotons()
         >>> list(kw["decay"]), kw["update_every"]
         (['0.968', '0.984', '0.992', '0.996', '0.998'], 16)
@@ -49,7 +49,7 @@ def edm2(sigma_rels: tuple[float, ...] = (0.05, 0.10)) -> dict[str, Any]:
     Returns:
         ``{"decay": {name: power schedule}}``; buffers follow the EMA default.
 
-    Example:
+    Examples:
         >>> list(edm2()["decay"])
         ['power(sigma_rel=0.05)', 'power(sigma_rel=0.1)']
     """

@@ -82,7 +82,7 @@ class Schedule:
     default multiplies ``_step`` over the gap. ``_params()`` lists the constructor arguments,
     which make up ``repr`` and ``state_dict``; names in ``_mutable`` are restored on load.
 
-    Example:
+    Examples:
         >>> s = constant(0.9)
         >>> s(5), round(s(5, dt=2), 12), s.per_step(5)
         (0.9, 0.81, 0.9)
@@ -204,7 +204,7 @@ def constant(decay: float) -> Schedule:
     Args:
         decay: the per-step decay in ``[0, 1]``; 0 copies, 1 freezes the average.
 
-    Example:
+    Examples:
         >>> constant(0.999).name, constant(0.5)(10, dt=2)
         ('0.999', 0.25)
     """
@@ -272,7 +272,7 @@ def warmup(decay: float, *, period: int = 1, count_from: int = 1) -> Schedule:
         period: optimizer steps per counter increment (the EMA update period), ``>= 1``.
         count_from: the counter of the first period: 1 (TF, torch_ema) or 0 (Morales-Brotons).
 
-    Example:
+    Examples:
         >>> w = warmup(0.999)
         >>> round(w(1), 12), round(w(8990), 6), w(10**6)
         (0.181818181818, 0.999, 0.999)
@@ -328,7 +328,7 @@ def inverse_power(
         power: ``> 0``; the window grows like ``t ** power``.
         min_decay: the floor, in ``[0, decay]``.
 
-    Example:
+    Examples:
         >>> s = inverse_power()
         >>> s(1), round(s(2), 6), round(s(31_623), 6)
         (0.0, 0.370039, 0.999)
@@ -383,7 +383,7 @@ def power(sigma_rel: float | None = None, gamma: float | None = None) -> Schedul
         sigma_rel: relative width in ``(0, 12**-0.5)``; EDM2 tracks 0.05 and 0.10.
         gamma: exponent ``>= 0`` (0 is :func:`uniform`).
 
-    Example:
+    Examples:
         >>> power(gamma=1.0)(4, dt=2)
         0.25
         >>> power(sigma_rel=0.05).name
@@ -412,7 +412,7 @@ def uniform() -> Schedule:
     :func:`power` with ``gamma = 0``: every optimizer step weighs the same, a value held over a gap
     of ``dt`` steps counts ``dt`` times, and the initial copy gets no weight.
 
-    Example:
+    Examples:
         >>> [uniform()(t) for t in (1, 2, 4)]
         [0.0, 0.5, 0.75]
     """
@@ -520,7 +520,7 @@ def halflife(
         batch_size: samples per optimizer step, ``> 0``.
         steps_per_epoch: optimizer steps per epoch, ``> 0``.
 
-    Example:
+    Examples:
         >>> h = halflife(samples=10_000, batch_size=100)
         >>> h.name, h(100, dt=100)
         ('halflife(samples=10000)', 0.5)
@@ -568,7 +568,7 @@ def cosine(start: float = 0.996, end: float = 1.0, *, total_steps: int) -> Sched
         end: decay from step ``K + 1`` on, in ``[0, 1]``.
         total_steps: ``K >= 1``, the length of the ramp in optimizer steps.
 
-    Example:
+    Examples:
         >>> c = cosine(0.99, 1.0, total_steps=100)
         >>> c(1), round(c(51), 12), c(101)
         (0.99, 0.995, 1.0)
@@ -610,7 +610,7 @@ def debiased(decay: float) -> Schedule:
     Args:
         decay: the underlying constant decay, in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> s = debiased(0.9)
         >>> s(1), round(s(2), 12), round(s(3, dt=2), 6)
         (0.0, 0.473684210526, 0.298893)
@@ -654,7 +654,7 @@ def as_schedule(decay: float | Schedule | Callable[[int, int], float]) -> Schedu
         TypeError: ``decay`` is a bool or neither a number nor a callable.
         ValueError: a number outside ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> as_schedule(0.99).name
         '0.99'
         >>> def slow(t, dt):

@@ -148,7 +148,7 @@ class EMA(TimelineViews):
             built are read from the model, not stored; ``"average"``: stored and averaged
             like the others (the behaviour of earlier versions).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -492,7 +492,7 @@ class EMA(TimelineViews):
         average). Training inside the block writes into the average: leaving the block raises
         ``RuntimeError`` when a parameter was written (a warning if the block raised).
 
-        Example:
+        Examples:
             >>> with ema.swapped(model):                      # doctest: +SKIP
             ...     val_loss = evaluate(model, val_loader)
         """

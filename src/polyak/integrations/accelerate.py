@@ -36,7 +36,7 @@ class FullState:
     Args:
         ema: the :class:`polyak.EMA` to checkpoint.
 
-    Example:
+    Examples:
         >>> from polyak.integrations.accelerate import FullState
         >>> ema = polyak.EMA(accelerator.unwrap_model(model), 0.999)        # doctest: +SKIP
         >>> accelerator.register_for_checkpointing(FullState(ema))          # doctest: +SKIP

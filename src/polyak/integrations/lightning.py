@@ -113,7 +113,7 @@ class EMACallback(pl.Callback):
         **ema_kwargs: any other :class:`polyak.EMA` argument (``buffers``, ``update_every``,
             ``start_step``, ``include``, ``dtype``, ...).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as L                                  # doctest: +SKIP
         >>> from polyak.integrations.lightning import EMACallback
         >>> cb = EMACallback(decay=0.999, evaluate="both")                 # doctest: +SKIP

@@ -105,7 +105,7 @@ class EMACallback(TrainerCallback, ExportableState):
             ``"average"`` (the evaluated one) or an average's name.
         **ema_kwargs: any other :class:`polyak.EMA` argument.
 
-    Example:
+    Examples:
         >>> from polyak.integrations.transformers import EMACallback
         >>> cb = EMACallback(decay=0.999, evaluate="both")                  # doctest: +SKIP
         >>> trainer = Trainer(model=model, args=args, callbacks=[cb], ...)  # doctest: +SKIP

@@ -98,7 +98,7 @@ class ReferenceCallback(EMACallback):
         decay: ``None`` (TR-DPO), or the schedule of an average updated every step.
         **ema_kwargs: other :class:`polyak.EMA` arguments (``dtype``, ``buffers``, ...).
 
-    Example:
+    Examples:
         >>> from polyak.integrations.trl import ReferenceCallback         # doctest: +SKIP
         >>> cb = ReferenceCallback(mixup_alpha=0.6, sync_steps=512)        # doctest: +SKIP
         >>> DPOTrainer(model, ref_model=ref, args=args, callbacks=[cb], ...)  # doctest: +SKIP

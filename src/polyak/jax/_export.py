@@ -53,7 +53,7 @@ def state_dict(state: Any) -> dict[str, Any]:
         polyak.NonFiniteError: ``nonfinite="raise"`` and an update inside ``jax.jit`` met
             inf/nan (named); nothing is exported.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj
         >>> sd = pj.state_dict(pj.init({"w": jnp.zeros(2)}, decay=0.9))
         >>> sd["paths"], sd["averages"]["0.9"][0].dtype, sd["timeline"]["step"]
@@ -133,7 +133,7 @@ def load_state_dict(template: EMAState, state: Mapping[str, Any]) -> EMAState:
         ValueError: another format, other leaves (paths named), averages, shapes, or counters.
         polyak.NonFiniteError: an average holds inf/nan (named), as ``polyak.EMA`` refuses.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj
         >>> state = pj.update(pj.init({"w": jnp.zeros(2)}, 0.9), {"w": jnp.ones(2)})
         >>> fresh = pj.init({"w": jnp.zeros(2)}, 0.9)
@@ -204,7 +204,7 @@ def save(state: Any, path: str | os.PathLike[str]) -> None:
     Raises:
         polyak.NonFiniteError: as :func:`state_dict` (nothing is written).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj, tempfile, os
         >>> state = pj.update(pj.init({"w": jnp.zeros(2)}, 0.9), {"w": jnp.ones(2)})
         >>> path = os.path.join(tempfile.mkdtemp(), "ema.npz")

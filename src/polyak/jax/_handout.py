@@ -125,7 +125,7 @@ def average(state: Any, name: str | None = None) -> Any:
         polyak.NonFiniteError: ``nonfinite="raise"`` and an update inside ``jax.jit`` met
             inf/nan (it was left out; see :func:`polyak.jax.update`).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj
         >>> state = pj.init({"w": jnp.zeros(2)}, decay={"fast": 0.9, "slow": 0.99})
         >>> pj.average(state, "slow")["w"].dtype

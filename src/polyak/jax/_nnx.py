@@ -70,7 +70,7 @@ def swapped(model: Any, state: Any, name: str | None = None) -> Iterator[Any]:
         ValueError: the average has variables the module lacks, or other shapes (named).
             Nothing is changed then.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, polyak.jax as pj
         >>> from flax import nnx
         >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))

@@ -42,7 +42,7 @@ def ema_of_params(
             ``nonfinite`` (at once);
             ``update`` called without ``params``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, optax, polyak.jax as pj
         >>> params = {"w": jnp.ones(2)}
         >>> tx = optax.chain(optax.sgd(0.5), pj.ema_of_params(decay=0.9))

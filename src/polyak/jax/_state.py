@@ -98,7 +98,7 @@ class EMAState:
     Each update applies ``avg <- avg + (1 - decay_t) * (value - avg)`` to every floating leaf of
     every average (see :func:`polyak.jax.update`).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj
         >>> state = pj.init({"w": jnp.zeros(2)}, decay=[0.9, 0.99], update_every=2)
         >>> state.names, int(state.step), state.spec.update_every
@@ -220,7 +220,7 @@ def init(
         TypeError, ValueError: a bad ``decay``, ``update_every``, ``start_step`` or
             ``nonfinite``, a schedule with no traced form, or ``params`` without arrays.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, polyak.jax as pj
         >>> state = pj.init({"w": jnp.zeros(3)}, decay=0.9)
         >>> state = pj.update(state, {"w": jnp.ones(3)})

@@ -197,7 +197,7 @@ def update(state: EMAState, params: Any, steps: int = 1) -> EMAState:
         polyak.NonFiniteError: ``nonfinite="raise"``, called outside jit: the params hold
             inf/nan, or an update inside jit met them earlier (the leaves named).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, polyak.jax as pj
         >>> from polyak import schedules
         >>> state = pj.init({"w": jnp.zeros(2)}, decay=schedules.power(gamma=0.0))

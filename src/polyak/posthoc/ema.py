@@ -84,7 +84,7 @@ class PostHocEMA:
         **ema_kwargs: passed to :class:`polyak.EMA` (``update_every``, ``buffers``, ``dtype``,
             ``include``/``exclude``, ``start_step``, ...), except ``decay``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)

@@ -78,7 +78,7 @@ def list_snapshots(directory: str | Path, *, verify: bool = False) -> Listing:
             holding the manifest's tensors, of the recorded checksum (reads all of them);
             failures are reported in the listing, not raised.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
@@ -162,7 +162,7 @@ def weight_profiles(
     ``achieved`` and ``target`` against ``edges`` (e.g. as steps) to see whether the snapshots
     suffice: they should overlap, and ``fit`` should be small.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)

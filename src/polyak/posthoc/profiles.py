@@ -115,7 +115,7 @@ class Solution:
 def power_inner(t_a: object, g_a: object, t_b: object, g_b: object) -> np.ndarray:
     """``<p_a, p_b>`` of power profiles (EDM2 Eq. 151), broadcast over NumPy arrays.
 
-    Example:
+    Examples:
         >>> float(power_inner(1.0, 0.0, 1.0, 0.0))  # the uniform profile on [0, 1]
         1.0
     """
@@ -185,7 +185,7 @@ def solve(ts: object, gammas: object, t: float, target: Target) -> Solution:
     Returns:
         A :class:`Solution` (coefficients, fit, amplification).
 
-    Example:
+    Examples:
         >>> s = solve([100.0, 100.0], [16.97, 6.94], 100.0, Target.make(gamma=6.94))
         >>> [round(float(x), 6) + 0.0 for x in s.coefficients], bool(s.fit < 1e-6)
         ([0.0, 1.0], True)

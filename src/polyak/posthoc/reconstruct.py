@@ -120,7 +120,7 @@ def reconstruct_many(
         StoreError: not a store, or an inconsistent one. ChecksumError: a file is corrupt or
             missing (named, with its step).
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
@@ -205,7 +205,7 @@ def reconstruct(
 
     See :func:`reconstruct_many` (which reads the snapshots once for many targets).
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10)
@@ -243,7 +243,7 @@ def window_average(
     Weight Averaging", 2022; Sanyal et al. 2023). Needs a store written with
     ``PostHocEMA(..., keep_live=True)``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, polyak
         >>> model, store = torch.nn.Linear(3, 2), tempfile.mkdtemp()
         >>> ph = polyak.PostHocEMA(model, store, snapshot_every=10, keep_live=True)

@@ -54,7 +54,7 @@ class Retention:
     step is a multiple of ``every * snapshot_every``: with ``every=4`` the store keeps full
     resolution for recent training and every 4th snapshot before it.
 
-    Example:
+    Examples:
         >>> Retention(every=4, older_than=100_000)
         Retention(every=4, older_than=100000)
     """

@@ -110,7 +110,7 @@ def recompute_bn(
         ValueError: the loader yields no batch, or ``num_batches`` is not a positive integer.
         TypeError: ``model`` is not a module, ``loader`` not iterable, ``forward`` not callable.
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         >>> ema = polyak.EMA(model, decay=0.999)

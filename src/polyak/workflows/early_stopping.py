@@ -64,7 +64,7 @@ class EarlyStopping:
             ``"val_<metric>"``); not used otherwise.
         keep_weights: copy the best weights (default); ``False`` keeps only epochs and scores.
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> model = torch.nn.Linear(2, 1)
         >>> ema = polyak.EMA(model, decay=0.9)

@@ -133,7 +133,7 @@ def ensemble_predictions(
         ValueError: no member; a state dict that does not fit the template (names the tensor);
             members that saw different targets (a shuffling loader).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> net = torch.nn.Linear(4, 3)
         >>> checkpoints = [{k: v + i for k, v in net.state_dict().items()} for i in range(3)]

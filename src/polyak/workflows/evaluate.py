@@ -111,7 +111,7 @@ def evaluate(
         ValueError: the loader is empty, or a batch has no target.
         TypeError: a bad argument (named in the message).
 
-    Example:
+    Examples:
         >>> import torch, polyak
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> data = TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,)))

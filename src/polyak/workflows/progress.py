@@ -15,7 +15,7 @@ __all__ = ["Progress"]
 class Progress:
     """``prefix [#####-----] 12/40 loss 0.4321``, redrawn at most ten times a second.
 
-    Example:
+    Examples:
         >>> import io
         >>> stream = io.StringIO()
         >>> bar = Progress(4, "train", enabled=True, stream=stream, width=4)

@@ -161,7 +161,7 @@ def soft_update_(
         ValueError: a weight outside ``[0, 1]``; networks that differ in names, shapes or
             shardings, or share tensors.
 
-    Example:
+    Examples:
         >>> import copy, torch, polyak
         >>> online = torch.nn.Linear(4, 2)
         >>> target = copy.deepcopy(online)
@@ -199,7 +199,7 @@ def hard_update_(
     Returns:
         ``target``.
 
-    Example:
+    Examples:
         >>> import copy, torch, polyak
         >>> online = torch.nn.Linear(4, 2); target = copy.deepcopy(online)
         >>> _ = polyak.hard_update_(target, online)

@@ -61,7 +61,7 @@ class TargetEMA:
         buffers: floating buffers are ``"average"``-d (default), ``"copy"``-ed or
             ``"ignore"``-d.
 
-    Example:
+    Examples:
         >>> import copy, torch, polyak
         >>> from polyak.workflows import TargetEMA
         >>> online = torch.nn.Linear(4, 2)

@@ -140,7 +140,7 @@ def train_with_ema(
     Raises:
         ValueError, TypeError: a bad argument, named in the message (checked before training).
 
-    Example:
+    Examples:
         >>> history = polyak.train_with_ema(model, train_loader, val_loader, optimizer,
         ...                                 nn.CrossEntropyLoss(), epochs=10,
         ...                                 ema_decay=0.99)                    # doctest: +SKIP

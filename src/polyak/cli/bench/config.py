@@ -83,7 +83,7 @@ class BenchConfig:
         sweep: measure the Python overhead of one update against the tensor count
             (:data:`SWEEP_TENSORS`).
 
-    Example:
+    Examples:
         >>> BenchConfig(quick=True, shapes="mlp").repeats
         3
     """

@@ -127,7 +127,7 @@ def read_table(path: str | os.PathLike[str]) -> npt.NDArray[np.float64]:
             number of columns, a field that is not a finite number, a unit or cycle that is not a
             positive integer, a unit out of order, or cycles that are not consecutive.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "train_FD001.txt"
         >>> _ = path.write_text("1 1 " + "0 " * 24 + "\\n1 3 " + "0 " * 24 + "\\n")
@@ -311,7 +311,7 @@ def write_synthetic_cmapss(
     Returns:
         ``{"train": path, "test": path, "RUL": path}``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> paths = write_synthetic_cmapss(tempfile.mkdtemp(), train_units=2, test_units=1)
         >>> len(paths["train"].read_text().splitlines()[0].split())

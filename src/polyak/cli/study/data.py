@@ -76,7 +76,7 @@ class Dataset:
     original units as ``rmse * target_scale``. For classification ``target_mean=0`` and
     ``target_scale=1``.
 
-    Example:
+    Examples:
         >>> ds = load_diabetes()
         >>> rmse = float(np.sqrt(np.mean((ds.y_test - ds.y_train.mean()) ** 2)))
         >>> rmse_in_disease_progression_units = rmse * ds.target_scale
@@ -129,7 +129,7 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
     Raises:
         DataError: The file cannot be read, is empty, truncated, oversized or not IDX.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
         >>> _ = path.write_bytes(bytes([0, 0, 0x08, 1, 0, 0, 0, 3, 7, 8, 9]))  # uint8, 1-D, 3 items
@@ -223,7 +223,7 @@ def load_fashion_mnist(
         DataError: Files missing, unreadable, malformed, or images and labels disagree.
         ValueError: A subset size is not a positive int or exceeds what the files hold.
 
-    Example:
+    Examples:
         >>> ds = load_fashion_mnist(train_size=1000, test_size=500)  # doctest: +SKIP
         >>> ds.x_train.shape, ds.num_classes  # needs the four files  # doctest: +SKIP
         ((1000, 784), 10)
@@ -289,7 +289,7 @@ def load_digits(*, test_fraction: float = 0.3, seed: int = 0) -> Dataset:
         test_fraction: Share of examples held out for testing, in (0, 1).
         seed: Seed of the stratified split.
 
-    Example:
+    Examples:
         >>> ds = load_digits()
         >>> ds.x_train.shape, ds.x_test.shape
         ((1257, 64), (540, 64))
@@ -329,7 +329,7 @@ def load_diabetes(*, test_fraction: float = 0.3, seed: int = 0) -> Dataset:
         test_fraction: Share of examples held out for testing, in (0, 1).
         seed: Seed of the random split.
 
-    Example:
+    Examples:
         >>> ds = load_diabetes()
         >>> ds.task, ds.num_features, abs(float(ds.y_train.mean())) < 1e-6
         ('regression', 10, True)
@@ -391,7 +391,7 @@ def resolve_dataset(
         TypeError: A keyword argument no candidate loader accepts.
         DataError: ``"fashion-mnist"`` was asked for and its files are missing or malformed.
 
-    Example:
+    Examples:
         >>> ds, message = resolve_dataset("digits", seed=1)
         >>> print(message)  # doctest: +ELLIPSIS
         Using digits (scikit-learn bundled, 1257 train / 540 test)...
@@ -451,7 +451,7 @@ def flip_labels(
         ``(noisy_labels, flipped_mask)``: a new array of the input's dtype, and a boolean mask of
         the positions whose label was changed.
 
-    Example:
+    Examples:
         >>> noisy, flipped = flip_labels(np.zeros(10, dtype=np.int64), 0.3, 10, seed=0)
         >>> int(flipped.sum()), bool((noisy[flipped] != 0).all())
         (3, True)

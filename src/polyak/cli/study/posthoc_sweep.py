@@ -44,7 +44,7 @@ def equivalent_sigma_rel(decay: float, t: int) -> float:
     deviation of its weights over the steps (``w_s`` proportional to ``decay**(t - s)``) over
     ``t``, where a power average's profile has its ``sigma_rel``.
 
-    Example:
+    Examples:
         >>> round(equivalent_sigma_rel(0.99, 1000), 2), round(equivalent_sigma_rel(1e-9, 1000), 2)
         (0.1, 0.0)
     """

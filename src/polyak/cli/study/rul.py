@@ -78,7 +78,7 @@ def phm08_score(pred: npt.ArrayLike, true: npt.ArrayLike) -> float:
     Saxena, Goebel, Simon & Eklund, "Damage Propagation Modeling for Aircraft Engine
     Run-to-Failure Simulation", PHM 2008 (the scoring function of the challenge).
 
-    Example:
+    Examples:
         >>> round(phm08_score([10.0, 20.0], [23.0, 10.0]), 6)  # early by 13, late by 10
         3.436564
     """

@@ -74,7 +74,7 @@ def capped_rul(length: int, cap: int = CAP) -> Array:
     piecewise-linear target); cap 125: Li, Ding & Sun, "Remaining useful life estimation in
     prognostics using deep convolution neural networks", Reliab. Eng. Syst. Saf. 172 (2018).
 
-    Example:
+    Examples:
         >>> capped_rul(5, cap=3)
         array([3., 3., 2., 1., 0.])
     """
@@ -90,7 +90,7 @@ def windows(x: Array, window: int = WINDOW) -> Array:
     Li, Ding & Sun (2018) use windows of 30 cycles on FD001; papers that keep 30 cycles on
     FD002/FD004, whose test sets hold shorter units, have to pad or drop those units.
 
-    Example:
+    Examples:
         >>> windows(np.arange(4.0)[:, None], window=3)[:, :, 0]
         array([[0., 1., 2.],
                [1., 2., 3.]])
@@ -132,7 +132,7 @@ def constant_sensors(sensors: Array, conditions: npt.NDArray[np.int64]) -> npt.N
     keep the other 14; the rule is meant to make the same choice (sensor 6 moves only in its last
     printed digit). The report lists the sensors kept, so the choice can be checked on any file.
 
-    Example:
+    Examples:
         >>> constant_sensors(np.array([[1, 5.0, 2], [1, 6, 2.01], [1, 7, 2]]), np.zeros(3, int))
         array([ True, False,  True])
     """

@@ -57,7 +57,7 @@ def claim_verdict(change: dict[str, float], seeds: int) -> str:
     against the claimed 2-5% reduction, and against seed noise: the standard error of the mean
     is ``std / sqrt(seeds - 1)``.
 
-    Example:
+    Examples:
         >>> claim_verdict({"mean": -0.03, "std": 0.01}, 5)
         'within the claimed 2–5% reduction (standard error 0.5% over 5 seeds: not seed noise)'
     """

@@ -98,7 +98,7 @@ def _child(directory: str, threads: int) -> None:
     out = polyak.posthoc.reconstruct_many(directory, TARGETS)
     seconds, cpu = time.perf_counter() - start, _cpu() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    fits = [r.fit for r in out]
+    fits = [r.fit for r in out.values()]
     extra = (peak - before) * 1024
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "extra_bytes": extra, "fits": fits}))
 

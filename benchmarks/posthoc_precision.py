@@ -104,7 +104,7 @@ def training(epochs: int = 40) -> list[dict]:
         recs = {}
         for name, ph in stores.items():
             ph.close()
-            recs[name] = polyak.posthoc.reconstruct_many(ph.directory, sigmas)
+            recs[name] = list(polyak.posthoc.reconstruct_many(ph.directory, sigmas).values())
     rows = []
     with torch.no_grad():
         for i, s in enumerate(sigmas):

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     evaluated = copy.deepcopy(model)
     results: dict[str, list[float]] = {"sigma_rel": sigmas, "fit": [], "val_acc": [], "val_nll": []}
     results.update(test_acc=[], test_nll=[])
-    for rec in recs:
+    for rec in recs.values():
         evaluated.load_state_dict(rec)
         val, test = _scores(evaluated, data["val"]), _scores(evaluated, data["test"])
         for key, value in zip(
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             results[key].append(value)
     raw_val, raw_test = _scores(model, data["val"]), _scores(model, data["test"])
     direct = {}
-    for name, rel in zip(ph.ema.names, ph.sigma_rels):
-        with ph.ema.swapped(model, name):
+    for rel in ph.sigma_rels:  # the averages kept, by their sigma_rel
+        with ph.swapped(model, sigma_rel=rel):
             direct[rel] = (_scores(model, data["val"]), _scores(model, data["test"]))
 
     print(

@@ -229,13 +229,16 @@ def test_posthoc_writes_one_file_per_target_and_the_profiles(store, capsys, tmp_
     out = tmp_path / "out"
     argv = ["posthoc", str(store), "--sigma-rel", "0.05", "0.12", "--decay", "0.9", "--out"]
     code, err = run([*argv, str(out)], capsys)
-    assert code == 0 and err == ""
+    # decay=0.9 over 30 steps is wider than either average kept: warned, one line
+    assert code == 0 and err.startswith("polyak posthoc: warning: decay=0.9: the snapshots fit")
+    assert "keep a wider one too" in err and len(err.splitlines()) == 1
     names = ["sigma_rel=0.05", "sigma_rel=0.12", "decay=0.9"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*(f"{n}.safetensors" for n in names), "weight_profiles.png"]
     )
     expected = polyak.posthoc.reconstruct_many(store, [0.05, 0.12], decays=[0.9])
-    for name, rec in zip(names, expected):
+    assert list(expected) == names  # keyed by target
+    for name, rec in expected.items():
         with safe_open(out / f"{name}.safetensors", "pt") as f:
             assert f.metadata()["target"] == name and f.metadata()["step"] == "30"
             assert float(f.metadata()["fit"]) == pytest.approx(rec.fit, rel=1e-5)
@@ -398,9 +401,10 @@ def test_posthoc_warnings_are_one_line_each(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     lines = err.splitlines()
-    assert len(lines) == 2 and all(x.startswith("polyak posthoc: warning: ") for x in lines)
+    assert len(lines) == 3 and all(x.startswith("polyak posthoc: warning: ") for x in lines)
     assert any("ignoring 1 file(s)" in x and "stray.pt" in x for x in lines)
     assert any("sigma_rel=0.01: the snapshots' coefficients add up to" in x for x in lines)
+    assert any("sigma_rel=0.01: the snapshots fit its weight profile only to" in x for x in lines)
 
 
 def test_python_m_polyak_posthoc(store):

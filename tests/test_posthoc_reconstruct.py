@@ -139,7 +139,8 @@ def test_a_constant_weight_stream_is_returned_exactly(tmp_path):
     for _ in range(100):
         ph.update()
     ph.close()
-    for rec in polyak.posthoc.reconstruct_many(tmp_path, [0.02, 0.08, 0.2], decays=[0.99]):
+    recs = polyak.posthoc.reconstruct_many(tmp_path, [0.02, 0.08, 0.2], decays=[0.99])
+    for rec in recs.values():
         for name, value in model.state_dict().items():
             assert torch.equal(rec[name], value), (rec.label, name)
         assert rec.coefficients.sum() == pytest.approx(1.0, abs=1e-12)
@@ -171,18 +172,22 @@ def test_reconstruct_many_reads_each_file_once_and_equals_one_at_a_time(run, mon
     monkeypatch.undo()
     one = polyak.posthoc.reconstruct(directory, sigma_rel=0.15)
     exact = exact_combination(directory, one)
-    assert one.sources == many[2].sources
-    np.testing.assert_array_equal(one.coefficients, many[2].coefficients)
+    assert one.sources == many[0.15].sources
+    np.testing.assert_array_equal(one.coefficients, many[0.15].coefficients)
     for name in exact:  # to float32 rounding: the sums are taken in another order
-        for rec in (one, many[2]):
+        for rec in (one, many[0.15]):
             error = (rec[name].double() - exact[name]).abs().max().item()
             assert error <= fp32_bound(one, exact), (name, error)
-    assert [r.label for r in many] == [
-        "sigma_rel=0.03",
-        "sigma_rel=0.08",
-        "sigma_rel=0.15",
-        "decay=0.995",
-    ]
+    assert (
+        [r.label for r in many.values()]
+        == list(many)
+        == [
+            "sigma_rel=0.03",
+            "sigma_rel=0.08",
+            "sigma_rel=0.15",
+            "decay=0.995",
+        ]
+    )
 
 
 def test_the_reconstruction_loads_into_the_model(run):
@@ -244,7 +249,7 @@ def test_chunks_across_tensors_and_several_passes_give_the_same_result(run, monk
     got = polyak.posthoc.reconstruct_many(
         directory, [0.05, 0.12], decays=[0.995], chunk_bytes=4 * 3 * 7
     )
-    for a, b in zip(expected, got):
+    for a, b in zip(expected.values(), got.values()):
         assert list(a) == list(b) and a.sources == b.sources
         exact = exact_combination(directory, a)
         bound = fp32_bound(a, exact)

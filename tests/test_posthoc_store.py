@@ -231,8 +231,8 @@ def test_resume_appends_the_same_store_and_reconstruction_as_one_run(tmp_path):
                 load_file(tmp_path / "resumed" / sb["files"][key]["name"]),
             )
     for x, y in zip(
-        polyak.posthoc.reconstruct_many(tmp_path / "whole", [0.03, 0.2], decays=[0.9]),
-        polyak.posthoc.reconstruct_many(tmp_path / "resumed", [0.03, 0.2], decays=[0.9]),
+        polyak.posthoc.reconstruct_many(tmp_path / "whole", [0.03, 0.2], decays=[0.9]).values(),
+        polyak.posthoc.reconstruct_many(tmp_path / "resumed", [0.03, 0.2], decays=[0.9]).values(),
     ):
         _same(x, y)
     _same(

@@ -21,6 +21,8 @@ MODULES = [
     "polyak.types",
     "polyak.workflows",
     "polyak.posthoc",
+    "polyak.merge",
+    "polyak.merge.weights",
     "polyak.integrations.lightning",
     "polyak.integrations.transformers",
     "polyak.integrations.accelerate",

@@ -27,7 +27,7 @@ from polyak.errors import (
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
-    from polyak import metrics, posthoc, presets
+    from polyak import merge, metrics, posthoc, presets
     from polyak._torch.ema import EMA
     from polyak.posthoc import PostHocEMA
     from polyak.workflows import (
@@ -55,6 +55,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ensemble_predictions": ("polyak.workflows", "ensemble_predictions"),
     "PostHocEMA": ("polyak.posthoc", "PostHocEMA"),
     "posthoc": ("polyak.posthoc", None),
+    "merge": ("polyak.merge", None),
 }
 
 # An optional dependency (top-level module) -> the extra that installs it.
@@ -75,6 +76,7 @@ __all__ = [
     "ensemble_predictions",
     "evaluate",
     "hard_update_",
+    "merge",
     "metrics",
     "posthoc",
     "presets",

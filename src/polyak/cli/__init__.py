@@ -1,8 +1,9 @@
-"""The ``polyak`` command line (also ``python -m polyak``): ``polyak study``, ``polyak bench``
-and ``polyak posthoc``.
+"""The ``polyak`` command line (also ``python -m polyak``): ``polyak study``, ``polyak bench``,
+``polyak posthoc`` and ``polyak merge``.
 
 Thin shells over :func:`polyak.cli.study.run.run_study`, :func:`polyak.cli.bench.run_bench`
-(every flag is a field of their config dataclass) and :mod:`polyak.cli.posthoc`. A mistake of
+(every flag is a field of their config dataclass), :mod:`polyak.cli.posthoc` and
+:mod:`polyak.cli.merge`. A mistake of
 the user (a bad value, an unknown name, a missing or corrupt data directory or store, an output
 directory that cannot be written, a missing optional dependency) is one line on stderr and exit
 status 2,
@@ -43,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     from polyak.cli.bench.config import add_arguments as bench_arguments
+    from polyak.cli.merge import add_arguments as merge_arguments
     from polyak.cli.posthoc import add_arguments as posthoc_arguments
     from polyak.cli.study.config import add_arguments as study_arguments
 
@@ -60,7 +62,9 @@ def _parser() -> _Parser:
         "from a post-hoc EMA store.",
         parents=[debug],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{study,bench,posthoc}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{study,bench,posthoc,merge}"
+    )
     study = sub.add_parser(
         "study",
         parents=[debug],
@@ -95,6 +99,17 @@ def _parser() -> _Parser:
         "file's CRC-32).",
     )
     posthoc_arguments(posthoc)
+    merge = sub.add_parser(
+        "merge",
+        parents=[debug],
+        help="average saved checkpoints (LAWA, EMA, power, WSM, greedy soup), streamed",
+        description="Average checkpoints of any kind (Hugging Face folders, safetensors, torch "
+        "and Lightning files, polyak EMA files, post-hoc stores) with weights given or derived "
+        "from the run, one tensor span at a time, into --out in the Hugging Face layout "
+        "(index and shards, loadable by from_pretrained). --dry-run prints the weights and "
+        "plots them against the steps instead.",
+    )
+    merge_arguments(merge)
     return parser
 
 
@@ -113,6 +128,10 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
         from polyak.cli.posthoc import prepare
 
         return prepare(args)
+    if args.command == "merge":
+        from polyak.cli.merge import prepare as prepare_merge
+
+        return prepare_merge(args)
     if args.command == "study":
         from polyak.cli.study.config import config_from_args
 
@@ -136,12 +155,14 @@ def _prepare(args: argparse.Namespace) -> Callable[[], object]:
 
 
 def _run_errors(command: str) -> tuple[type[Exception], ...]:
-    """The user errors a command can only find while it runs: a corrupt snapshot file, a
-    learning rate so large that training diverges."""
-    if command == "posthoc":
-        from polyak.posthoc import StoreError
+    """The user errors a command can only find while it runs: a corrupt snapshot file or
+    checkpoint, a non-finite tensor in a merge, a scorer that fails, a learning rate so large
+    that training diverges."""
+    if command in ("posthoc", "merge"):
+        from polyak.errors import CheckpointError, NonFiniteError
+        from polyak.merge import ScoreError
 
-        return (StoreError,)
+        return (CheckpointError, NonFiniteError, ScoreError)
     if command == "study":
         from polyak.cli.study.config import TrainingDiverged
 

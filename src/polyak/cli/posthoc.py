@@ -6,8 +6,11 @@
 read once), writes one safetensors file per target to ``OUT`` (``sigma_rel=0.08.safetensors``,
 float32, canonical tensor names, the target, step, fit and run id in its metadata) and a PNG of
 each target's weight profile over training time next to the profile the snapshots achieve
-(:func:`polyak.posthoc.weight_profiles`). ``polyak posthoc DIR --list`` describes the store
-(:func:`polyak.posthoc.list_snapshots`; ``--verify`` also checks every file's CRC-32).
+(:func:`polyak.posthoc.weight_profiles`). ``--score MODULE:FUNCTION`` scores each target's
+average with the user's function (``score(state_dict) -> float``, higher is better; the same
+scorer as ``polyak merge --greedy-soup``, :mod:`polyak.cli.scorer`) and reports the best one.
+``polyak posthoc DIR --list`` describes the store (:func:`polyak.posthoc.list_snapshots`;
+``--verify`` also checks every file's CRC-32).
 
 Everything that can be checked from the manifests (the store, the targets, ``--step``, the
 output directory) is checked before any snapshot file is read; a corrupt file found while
@@ -65,6 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="output directory (created if missing)")
     parser.add_argument(
+        "--score",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="score each target's average with FUNCTION(state_dict) -> float (higher is "
+        "better), e.g. validation accuracy, and report the best; MODULE is importable from "
+        "the current directory or a path to a .py file",
+    )
+    parser.add_argument(
         "--plot",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -93,7 +104,8 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
     """
     targets = bool(args.sigma_rel or args.decay)
     if args.list:
-        extra = [f for f, given in (("--sigma-rel/--decay", targets), ("--out", args.out)) if given]
+        given = (("--sigma-rel/--decay", targets), ("--out", args.out), ("--score", args.score))
+        extra = [f for f, present in given if present]
         if extra or args.step is not None:
             raise ValueError(f"--list shows the store; it takes no {', '.join(extra) or '--step'}")
     elif args.verify:
@@ -124,6 +136,11 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
         raise ValueError(f"--step must be >= 1, got {args.step}")
     if args.plot:
         import matplotlib  # noqa: F401 - missing, the error says how to install it
+    score = None
+    if args.score is not None:
+        from polyak.cli.scorer import load_scorer
+
+        score = load_scorer(args.score, "--score")
     with _caught() as caught:
         profiles = posthoc.weight_profiles(
             args.directory, args.sigma_rel, decays=args.decay, step=args.step
@@ -131,7 +148,7 @@ def prepare(args: argparse.Namespace) -> Callable[[], int]:
     from polyak.cli.common import check_output_dir
 
     check_output_dir(args.out, "--out")
-    return lambda: _reconstruct(args, profiles, caught)
+    return lambda: _reconstruct(args, profiles, caught, score)
 
 
 @contextmanager
@@ -158,17 +175,29 @@ def _list(directory: str, verify: bool) -> int:
     return 1 if any(s["problems"] for s in listing.snapshots) else 0
 
 
-def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str]) -> int:
+def _reconstruct(
+    args: argparse.Namespace,
+    profiles: list[Any],
+    caught: list[str],
+    score: Callable[[Any], Any] | None,
+) -> int:
     from polyak import posthoc
 
     out = Path(args.out)
     with _caught() as more:
-        recs = posthoc.reconstruct_many(
-            args.directory, args.sigma_rel, decays=args.decay, step=args.step
+        recs = list(
+            posthoc.reconstruct_many(
+                args.directory, args.sigma_rel, decays=args.decay, step=args.step
+            ).values()
         )
     _warn(caught + more)
+    scores: dict[str, float] = {}
+    if score is not None:
+        from polyak.merge.soup import scored
+
+        scores = {rec.label: scored(score, dict(rec), rec.label) for rec in recs}
     try:
-        _write(args, out, recs, profiles)
+        _write(args, out, recs, profiles, scores)
     except OSError as e:  # a full disk, an output that cannot be replaced: the user's to fix
         if getattr(args, "debug", False):
             raise
@@ -176,17 +205,28 @@ def _reconstruct(args: argparse.Namespace, profiles: list[Any], caught: list[str
         print(f"polyak posthoc: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     print(f"store {args.directory}: run {recs[0].run_id}, reconstructed at step {recs[0].step}")
-    print(f"{'target':<22} {'fit':>8} {'sum |x|':>8}  file")
+    column = f" {'score':>10}" if scores else ""
+    print(f"{'target':<22} {'fit':>8} {'sum |x|':>8}{column}  file")
     for rec in recs:
         assert rec.solution is not None
         name = out / f"{rec.label}.safetensors"
-        print(f"{rec.label:<22} {rec.fit:>8.1e} {rec.solution.amplification:>8.2f}  {name}")
+        value = f" {scores[rec.label]:>10.5g}" if scores else ""
+        print(f"{rec.label:<22} {rec.fit:>8.1e} {rec.solution.amplification:>8.2f}{value}  {name}")
+    if scores:
+        best = max(scores, key=lambda label: scores[label])  # the first of equal scores
+        print(f"best by {args.score}: {best} (score {scores[best]:.6g}): {out / best}.safetensors")
     if args.plot:
         print(f"weight profiles: {out / PLOT}")
     return 0
 
 
-def _write(args: argparse.Namespace, out: Path, recs: list[Any], profiles: list[Any]) -> None:
+def _write(
+    args: argparse.Namespace,
+    out: Path,
+    recs: list[Any],
+    profiles: list[Any],
+    scores: dict[str, float],
+) -> None:
     """Every output staged to a temporary file, then all renamed into place together
     (:class:`polyak.files.Outputs`): on any failure none is replaced and none is left."""
     from safetensors.torch import save_file
@@ -199,6 +239,8 @@ def _write(args: argparse.Namespace, out: Path, recs: list[Any], profiles: list[
             metadata = {"format": "polyak.posthoc.reconstruction", "target": rec.label}
             metadata.update(step=str(rec.step), fit=f"{rec.fit:.6g}", run_id=rec.run_id)
             metadata.update(store=store)
+            if rec.label in scores:
+                metadata.update(score=f"{scores[rec.label]:.9g}", scorer=args.score)
             save_file(dict(rec), str(staged.stage(out / f"{rec.label}.safetensors")), metadata)
         if args.plot:
             _plot(profiles, staged.stage(out / PLOT), recs[0].run_id)

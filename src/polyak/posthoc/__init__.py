@@ -17,6 +17,8 @@ Example:
     >>> sorted(avg), avg.step
     (['bias', 'weight'], 100)
     >>> many = polyak.posthoc.reconstruct_many(store, [0.05, 0.1, 0.2])
+    >>> many[0.1].fit < 0.01  # keyed by target; a number is a sigma_rel
+    True
 
 Needs torch and safetensors (``pip install polyak[torch]``).
 """
@@ -25,12 +27,8 @@ from polyak.posthoc.ema import PostHocEMA
 from polyak.posthoc.errors import ChecksumError, ForeignRunError, StoreError
 from polyak.posthoc.overview import Listing, WeightProfile, list_snapshots, weight_profiles
 from polyak.posthoc.profiles import Solution, Target, solve
-from polyak.posthoc.reconstruct import (
-    Reconstruction,
-    reconstruct,
-    reconstruct_many,
-    window_average,
-)
+from polyak.posthoc.reconstruct import reconstruct, reconstruct_many, window_average
+from polyak.posthoc.results import Reconstruction, Reconstructions
 from polyak.posthoc.writer import Retention, SnapshotWriteError
 
 __all__ = [
@@ -39,6 +37,7 @@ __all__ = [
     "Listing",
     "PostHocEMA",
     "Reconstruction",
+    "Reconstructions",
     "Retention",
     "SnapshotWriteError",
     "Solution",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import warnings
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from polyak import schedules
 from polyak._horizon import SIGMA_REL_MAX, integer, real_in
 from polyak._torch.ema import EMA
+from polyak._warn import warn
 from polyak.errors import CheckpointError
 from polyak.posthoc import store
 from polyak.posthoc.manifest import RUN_ID
@@ -96,6 +98,10 @@ class PostHocEMA:
         >>> avg = polyak.posthoc.reconstruct(store, sigma_rel=0.08)
         >>> model.load_state_dict(avg)
         <All keys matched successfully>
+        >>> with ph.swapped(sigma_rel=0.05):  # an average kept, by its sigma_rel
+        ...     y = model(torch.ones(1, 3))
+        >>> ph.averages  # the name of each in ph.ema
+        {0.05: 'power(sigma_rel=0.05)', 0.1: 'power(sigma_rel=0.1)'}
 
     References:
         Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
@@ -155,6 +161,42 @@ class PostHocEMA:
         self._writes = True  # False on DDP ranks other than 0 (rank 0 writes)
         self._staging: dict[str, dict[str, torch.Tensor]] | None = None
         self._last_snapshot: int | None = None
+
+    # ------------------------------------------------------------------ the averages kept
+    @property
+    def averages(self) -> dict[float, str]:
+        """``{sigma_rel: name}`` of the averages kept, the names ``ph.ema`` knows them by
+        (``ph.ema.get_module(ph.averages[0.05])``)."""
+        return {rel: name for name, rel, _ in self._averages.values()}
+
+    def name_of(self, sigma_rel: float) -> str:
+        """The name in ``ph.ema`` of the average kept with this ``sigma_rel``.
+
+        Raises:
+            KeyError: no average of that ``sigma_rel`` is kept (the message lists them).
+        """
+        for rel, name in self.averages.items():
+            if isinstance(sigma_rel, (int, float)) and math.isclose(rel, sigma_rel, rel_tol=1e-9):
+                return name
+        raise KeyError(
+            f"no average of sigma_rel={sigma_rel!r} is kept; the averages kept have sigma_rel "
+            f"{', '.join(f'{r:g}' for r in self.sigma_rels)} (reconstruct any other with "
+            "polyak.posthoc.reconstruct)"
+        )
+
+    @contextlib.contextmanager
+    def swapped(
+        self, model: nn.Module | None = None, *, sigma_rel: float | None = None
+    ) -> Iterator[nn.Module]:
+        """``ph.ema.swapped(model, name)`` for the average kept with ``sigma_rel`` (needed
+        when more than one is kept): the model evaluates with it inside the block."""
+        name = None if sigma_rel is None else self.name_of(sigma_rel)
+        with self.ema.swapped(model, name) as swapped:
+            yield swapped
+
+    def averaged_state_dict(self, sigma_rel: float | None = None) -> dict[str, torch.Tensor]:
+        """``ph.ema.averaged_state_dict(name)`` for the average kept with ``sigma_rel``."""
+        return self.ema.averaged_state_dict(None if sigma_rel is None else self.name_of(sigma_rel))
 
     # ------------------------------------------------------------------ training
     def update(self, model: nn.Module | None = None, *, steps: int = 1) -> None:
@@ -328,11 +370,9 @@ class PostHocEMA:
                 f"the state's last_snapshot must be a step (an integer >= 0) or None, got {last!r}"
             )
         if state.get("snapshot_every") != self.snapshot_every:
-            warnings.warn(
+            warn(
                 f"snapshot_every was {state.get('snapshot_every')} when saved, keeping "
-                f"{self.snapshot_every}",
-                UserWarning,
-                stacklevel=2,
+                f"{self.snapshot_every}"
             )
         self.wait()
         self.ema.load_state_dict(state["ema"])

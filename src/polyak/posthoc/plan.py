@@ -10,19 +10,22 @@ is bounded by the files on disk.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from polyak._horizon import integer
-from polyak.posthoc.profiles import Solution, Target, solve
+from polyak._warn import warn
+from polyak.posthoc.profiles import Solution, Target, profile_sigma_rel, solve
 from polyak.posthoc.reading import check_files
 from polyak.posthoc.store import RankStore, SnapshotFile, StoreError
 
 __all__ = ["Plan", "plan_for", "solutions", "solutions_for", "sources", "targets_from", "until"]
 
 _ROUNDING = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # half an ulp, relative
+POOR_FIT = 0.1
+"""A profile fit above this warns: the reconstruction is visibly not the target's average (the
+study's constant decays, fitted to 5-9%, scored within 0.12 points of the averages kept)."""
 
 
 def _steps_text(snaps: list[dict[str, Any]]) -> str:
@@ -98,23 +101,60 @@ def plan_for(r: RankStore, step: int | None) -> Plan:
 
 def solutions(plan: Plan, targets: Sequence[Target]) -> list[Solution]:
     """One least-squares solution per target (:func:`~polyak.posthoc.profiles.solve`); a
-    warning when the coefficients magnify low-precision snapshots' rounding."""
+    warning (pointing at the caller's line) when the coefficients magnify low-precision
+    snapshots' rounding, and when the fit is poor (above :data:`POOR_FIT`: the warning gives
+    the fit and what would improve it)."""
     manifest = plan.rank.manifest
     gammas = [manifest["averages"][f.key]["gamma"] for f in plan.files]
     solutions = [solve(plan.ts, gammas, plan.t, target) for target in targets]
     rounding = _ROUNDING.get(manifest["snapshot_dtype"])
     for s in solutions:
         if rounding and s.amplification > 10:
-            warnings.warn(
+            warn(
                 f"{s.target.label}: the snapshots' coefficients add up to {s.amplification:.0f} "
                 f"in absolute value, which magnifies their {manifest['snapshot_dtype']} rounding "
                 f"(up to {rounding:.0e} of each weight) to up to {rounding * s.amplification:.0e}; "
                 "targets narrower than the narrowest stored average need float32 snapshots or "
-                "a narrower average (sigma_rels=...)",
-                UserWarning,
-                stacklevel=4,
+                "a narrower average (sigma_rels=...)"
+            )
+        if s.fit > POOR_FIT:
+            warn(
+                f"{s.target.label}: the snapshots fit its weight profile only to {s.fit:.2f} "
+                "(relative L2 distance between the profile they achieve and the target's; "
+                f"0 is exact, above {POOR_FIT:g} the average differs visibly from the "
+                f"target's); {_improve(s, plan)}"
             )
     return solutions
+
+
+def _improve(s: Solution, plan: Plan) -> str:
+    """What would fit ``s.target`` better, from the target's width and the snapshots held."""
+    averages = plan.rank.manifest["averages"]
+    kept = sorted(a["sigma_rel"] for a in averages.values())
+    shown = ", ".join(f"{k:g}" for k in kept)
+    width = profile_sigma_rel(s.target, s.t)
+    if s.t > max(plan.ts):
+        return (
+            f"the step asked for (t={s.t:g}) is after the last snapshot used (t="
+            f"{max(plan.ts):g}), and the steps in between are in no snapshot: reconstruct the "
+            "step of a snapshot"
+        )
+    if width < kept[0] * 0.9:
+        return (
+            f"its profile (sigma_rel {width:.3g}) is narrower than the narrowest average kept "
+            f"(sigma_rel {shown}): keep a narrower one too, e.g. PostHocEMA(sigma_rels="
+            f"({width:.2g}, {shown}))"
+        )
+    if width > kept[-1] * 1.1:
+        return (
+            f"its profile (sigma_rel {width:.3g}) is wider than the widest average kept "
+            f"(sigma_rel {shown}): keep a wider one too, e.g. PostHocEMA(sigma_rels=({shown}, "
+            f"{min(width, 0.28):.2g}))"
+        )
+    return (
+        f"{len(set(plan.ts))} snapshot steps of averages of sigma_rel {shown} are too few for "
+        "its shape: more snapshots (a smaller snapshot_every) fit it more closely"
+    )
 
 
 def solutions_for(
@@ -140,4 +180,8 @@ def targets_from(
     targets += [Target.make(decay=d) for d in decays]
     if not targets:
         raise ValueError("give at least one target: sigma_rels, gammas or decays")
+    labels = [t.label for t in targets]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"the targets {twice} are given twice; give each once")
     return targets

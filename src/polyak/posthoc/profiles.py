@@ -39,7 +39,15 @@ import numpy as np
 from polyak._horizon import real_in
 from polyak.schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
 
-__all__ = ["Solution", "Target", "power_inner", "profile_masses", "solve", "target_masses"]
+__all__ = [
+    "Solution",
+    "Target",
+    "power_inner",
+    "profile_masses",
+    "profile_sigma_rel",
+    "solve",
+    "target_masses",
+]
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)
 _PANELS = 64  # [2**-k-1, 2**-k] for k < 64, then [0, 2**-64]
@@ -244,3 +252,29 @@ def target_masses(edges: object, t: float, target: Target) -> np.ndarray:
     # antiderivative (e^{-lam (t - tau)} - e^{-lam t}) / (1 - e^{-lam t}), written with expm1
     cdf = (np.expm1(-lam * (t - e)) - math.expm1(-lam * t)) / -math.expm1(-lam * t)
     return np.diff(cdf)
+
+
+def profile_sigma_rel(target: Target, t: float) -> float:
+    """EDM2's relative width of the target's profile at time ``t``: the standard deviation of
+    the time ``tau`` it weighs, over ``t``. A power target has its own ``sigma_rel``; for a
+    constant decay (rate ``lam = -ln(decay)``, ``a = lam t``) the profile is an exponential
+    truncated to ``[0, t]``, of variance ``(1 - a**2 e**-a / (1 - e**-a)**2) / lam**2``: about
+    ``1 / a`` for a run much longer than the horizon, up to the uniform average's ``12**-0.5``.
+
+    Examples:
+        >>> round(profile_sigma_rel(Target.make(0.1), 1000.0), 4)
+        0.1
+        >>> round(profile_sigma_rel(Target.make(decay=0.999), 100_000.0), 4)
+        0.01
+        >>> round(profile_sigma_rel(Target.make(decay=1 - 1e-12), 10.0), 4)  # nearly uniform
+        0.2887
+    """
+    if target.gamma is not None:
+        return gamma_to_sigma_rel(target.gamma)
+    assert target.decay is not None
+    a = _rate(target.decay) * t
+    if a < 0.05:  # the closed form cancels; its series
+        share = a * a / 12.0 - a**4 / 240.0 + a**6 / 6048.0
+    else:
+        share = 1.0 - a * a * math.exp(-a) / math.expm1(-a) ** 2
+    return math.sqrt(max(share, 0.0)) / a

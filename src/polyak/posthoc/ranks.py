@@ -12,13 +12,13 @@ uninitialised, and no global shape claims more memory than the shards on disk ho
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from polyak._warn import warn
 from polyak.posthoc.errors import StoreError
 from polyak.posthoc.store import RankStore
 
@@ -46,12 +46,10 @@ def common_snapshots(ranks: list[RankStore]) -> list[RankStore]:
         r.rank: sorted(set(own) - common) for r, own in zip(ranks, steps) if set(own) - common
     }
     if left_out:
-        warnings.warn(
+        warn(
             f"{ranks[0].path.parent}: using the {len(common)} snapshot(s) every rank holds; "
             f"only some ranks hold the steps {left_out} (a write in progress, or a rank's write "
-            "failed)",
-            UserWarning,
-            stacklevel=4,
+            "failed)"
         )
     out = []
     for r in ranks:

@@ -25,46 +25,10 @@ from polyak.posthoc.profiles import Solution, Target
 from polyak.posthoc.ranks import assemble, common_snapshots
 from polyak.posthoc.reader import layout_of
 from polyak.posthoc.reading import check_files, read_consistent
+from polyak.posthoc.results import Reconstruction, Reconstructions
 from polyak.posthoc.store import RankStore, SnapshotFile
 
-__all__ = ["Reconstruction", "reconstruct", "reconstruct_many", "window_average"]
-
-
-class Reconstruction(dict):
-    """``{tensor name: tensor}`` of a reconstructed average, and how it was obtained.
-
-    It holds every tensor the store's manifest lists (a snapshot file lacking one is a
-    :class:`~polyak.posthoc.StoreError`, never a shorter result), under canonical names (no
-    ``module.`` prefixes): load it with ``model.load_state_dict(rec)``, with ``strict=False``
-    only when the EMA tracked a subset of the model (``include``/``exclude``), or save it with
-    ``safetensors.torch.save_file(rec, path)``. Averaged tensors are float32 (``dtype``); copied
-    tensors (integer buffers, ``buffers="copy"``) come from the latest snapshot used.
-
-    Attributes:
-        label: ``"sigma_rel=0.08"``, ``"decay=0.9995"`` or ``"window=4"``.
-        step: the optimizer step reconstructed.
-        solution: the :class:`~polyak.posthoc.profiles.Solution` (coefficients, ``fit``,
-            ``amplification``), ``None`` for a window average.
-        sources: ``(step, average key)`` of each snapshot file combined, in coefficient order.
-        coefficients: the weight of each source (they sum to 1).
-        rank: the rank whose shards these are (``None``: full tensors).
-        run_id: the run that wrote the store.
-        shards: for a rank's shards, ``{name: {"global_shape", "offset", "local_shape"}}``.
-    """
-
-    label: str
-    step: int
-    solution: Solution | None
-    sources: list[tuple[int, str]]
-    coefficients: np.ndarray
-    rank: int | None
-    run_id: str
-    shards: dict[str, Any] | None
-
-    @property
-    def fit(self) -> float | None:
-        """Relative L2 distance between the achieved and the target weight profile."""
-        return None if self.solution is None else self.solution.fit
+__all__ = ["Reconstruction", "Reconstructions", "reconstruct", "reconstruct_many", "window_average"]
 
 
 def _averaged(manifest: dict[str, Any]) -> set[str]:
@@ -93,7 +57,7 @@ def reconstruct_many(
     rank: int | None = None,
     dtype: torch.dtype = torch.float32,
     chunk_bytes: int = 32 << 20,
-) -> list[Reconstruction]:
+) -> Reconstructions:
     """Reconstruct several averages at once, reading each snapshot file once for all of them.
 
     For each target, the snapshots ``(t_i, gamma_i)`` at or before ``step`` (with ``t_i > 0``)
@@ -114,7 +78,9 @@ def reconstruct_many(
         chunk_bytes: working memory of one step of the streamed combination.
 
     Returns:
-        One :class:`Reconstruction` per target: ``sigma_rels``, then ``gammas``, then ``decays``.
+        :class:`Reconstructions`: one :class:`Reconstruction` per target, keyed by its label
+        (``"sigma_rel=0.08"``, ``"decay=0.9995"``; a number looks up a ``sigma_rel``), in the
+        order ``sigma_rels``, ``gammas``, ``decays``. A target given twice is an error.
 
     Raises:
         StoreError: not a store, or an inconsistent one. ChecksumError: a file is corrupt or
@@ -128,9 +94,11 @@ def reconstruct_many(
         ...     ph.update()
         >>> ph.close()  # waits for the last write
         >>> avgs = reconstruct_many(store, [0.05, 0.1, 0.2], decays=[0.97])
-        >>> [a.label for a in avgs]
+        >>> list(avgs)
         ['sigma_rel=0.05', 'sigma_rel=0.1', 'sigma_rel=0.2', 'decay=0.97']
-        >>> all(a.fit < 0.1 for a in avgs)
+        >>> model.load_state_dict(avgs[0.1])  # a number looks up a sigma_rel
+        <All keys matched successfully>
+        >>> all(a.fit < 0.1 for a in avgs.values())
         True
 
     References:
@@ -159,7 +127,7 @@ def reconstruct_many(
                 )
         return _gathered(parts, [p.rank for p in plans])
 
-    return read_consistent(directory, rank, read)
+    return Reconstructions(read_consistent(directory, rank, read))
 
 
 def _check_dtype(dtype: object) -> None:
@@ -217,7 +185,7 @@ def reconstruct(
         (50, 50)
     """
     Target.make(sigma_rel, gamma=gamma, decay=decay)  # exactly one, valid
-    return reconstruct_many(
+    (rec,) = reconstruct_many(
         directory,
         [] if sigma_rel is None else [sigma_rel],
         decays=[] if decay is None else [decay],
@@ -225,7 +193,8 @@ def reconstruct(
         step=step,
         rank=rank,
         dtype=dtype,
-    )[0]
+    ).values()
+    return rec
 
 
 def window_average(

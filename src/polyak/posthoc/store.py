@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from polyak import files as _files
+from polyak._warn import warn as _warn
 from polyak.errors import CheckpointError
 from polyak.posthoc.errors import ChecksumError, ForeignRunError, StoreError
 from polyak.posthoc.manifest import (
@@ -204,11 +204,9 @@ def open_store(
             if not n.endswith(".tmp") and not (n.endswith(SUFFIX) and run_id in n)
         ]
         if unlisted:
-            warnings.warn(
+            _warn(
                 f"{path}: ignoring {len(unlisted)} file(s) no manifest lists (another run's, "
-                f"another tool's, or a crash's leftovers): {unlisted[:5]}",
-                UserWarning,
-                stacklevel=3,
+                f"another tool's, or a crash's leftovers): {unlisted[:5]}"
             )
     return path, ranks
 

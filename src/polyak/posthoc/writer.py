@@ -25,7 +25,6 @@ import os
 import re
 import stat
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from polyak import files
 from polyak._horizon import integer
+from polyak._warn import warn
 from polyak.errors import NonFiniteError
 from polyak.posthoc import checksum, store
 from polyak.posthoc.manifest import FORMAT, LIVE, SUFFIX, VERSION, file_name, manifest_name
@@ -168,11 +168,9 @@ class SnapshotWriter:
             self._manifest = self._open()
         later = [s["step"] for s in self._manifest["snapshots"] if s["step"] >= step]
         if later:
-            warnings.warn(
+            warn(
                 f"{self.path}: replacing the snapshots at steps {later}, which were written "
-                f"after the state this run resumed from (now at step {step})",
-                UserWarning,
-                stacklevel=3,
+                f"after the state this run resumed from (now at step {step})"
             )
         self._thread = threading.Thread(
             target=self._run, args=(step, t, payload), name=f"polyak-snapshot-{step}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,17 +89,21 @@ class Sweep:
         self.ph.snapshot()  # the last step, if it is not a multiple of snapshot_every
         self.ph.close()
         directory = self.ph.directory
-        recs = polyak.posthoc.reconstruct_many(directory, SIGMA_RELS, decays=list(decays.values()))
+        with warnings.catch_warnings():  # the poor fits at the grid's ends are in the report
+            warnings.simplefilter("ignore", UserWarning)
+            recs = polyak.posthoc.reconstruct_many(
+                directory, SIGMA_RELS, decays=list(decays.values())
+            )
         evaluated = copy.deepcopy(model)
 
         def scored(rec: polyak.posthoc.Reconstruction) -> dict[str, float]:
             evaluated.load_state_dict(rec)
             return {**score(evaluated), "fit": float(rec.fit or 0.0)}
 
-        curve = [scored(rec) for rec in recs[: len(SIGMA_RELS)]]
+        curve = [scored(recs[rel]) for rel in SIGMA_RELS]
         stored = {}
-        for name, rel in zip(self.ph.ema.names, KEPT):
-            rec = recs[SIGMA_RELS.index(rel)]
+        for rel, name in self.ph.averages.items():
+            rec = recs[rel]
             with self.ph.ema.swapped(model, name):
                 scores = score(model)
             average = self.ph.ema.averaged_tensors(name)
@@ -119,7 +124,8 @@ class Sweep:
                 "reconstructed": scored(rec),
                 "kept": {k: kept[name][k] for k in METRICS},
             }
-            for (name, d), rec in zip(decays.items(), recs[len(SIGMA_RELS) :])
+            for name, d in decays.items()
+            for rec in [recs[polyak.posthoc.Target.make(decay=d)]]
         }
         self.seconds += time.perf_counter() - start
         return {

@@ -31,6 +31,7 @@ from polyak.cli.study.classify import LIVE, make_split, train_run
 from polyak.cli.study.cmapss import load_cmapss
 from polyak.cli.study.config import StudyConfig
 from polyak.cli.study.data import Dataset, resolve_dataset
+from polyak.cli.study.merge_decay import merge_run, summarise_merge
 from polyak.cli.study.plots import write_plots
 from polyak.cli.study.posthoc_sweep import summarise_posthoc
 from polyak.cli.study.regression import SETTINGS, regression_case, summarise_regression
@@ -123,6 +124,8 @@ def _job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, float]:
     if job[0] == "cls":
         _, noise, seed = job
         result: Any = train_run(cfg, _SHARED["splits"][noise], seed)
+    elif job[0] == "merge":
+        result = merge_run(cfg, _SHARED["splits"][min(cfg.noise)], job[1])
     elif job[0] == "rul":
         result = train_rul_seed(
             _SHARED["rul"], job[1], epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -145,7 +148,7 @@ def _execute(jobs: list[tuple[Any, ...]], workers: int) -> Iterator[tuple[Any, .
         return
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
         # the longest jobs first, so that the two workers finish together
-        futures = [pool.submit(_job, j) for j in sorted(jobs, key=lambda j: j[0] != "cls")]
+        futures = [pool.submit(_job, j) for j in sorted(jobs, key=lambda j: j[0] == "reg")]
         try:
             for future in as_completed(futures):
                 yield future.result()
@@ -165,8 +168,9 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         return _run_rul(plan, data)
     tty = cfg.progress and sys.stderr.isatty()
     reg_units = len(SETTINGS) * cfg.regression_splits if cfg.regression else 0
-    progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units, "study",
-                        enabled=tty)  # fmt: skip
+    merge_units = cfg.seeds * cfg.epochs if cfg.merge else 0
+    progress = Progress(len(cfg.noise) * cfg.seeds * cfg.epochs + reg_units + merge_units,
+                        "study", enabled=tty)  # fmt: skip
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     reg_splits = range(cfg.first_seed, cfg.first_seed + cfg.regression_splits)
 
@@ -174,11 +178,13 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
     jobs: list[tuple[Any, ...]] = [("cls", n, seed) for n in cfg.noise for seed in seeds]
     if cfg.regression:
         jobs += [("reg", name, i) for name in SETTINGS for i in reg_splits]
+    if cfg.merge:
+        jobs += [("merge", seed) for seed in seeds]
     _SHARED.update(cfg=cfg, splits=splits)
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
         done[job] = result
-        progress.update(cfg.epochs if job[0] == "cls" else 1)
+        progress.update(1 if job[0] == "reg" else cfg.epochs)
         if cfg.progress and not tty and job[0] == "cls":
             acc = {m: f"{s['acc']:.3f}" for m, s in result["final"].items() if "+bn" not in m}
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",
@@ -213,6 +219,8 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         "regression": regression,
         "posthoc": {n: summarise_posthoc(r, summary[n]["models"][LIVE]) for n, r in runs.items()}
         if cfg.posthoc else None,
+        "merge": {"noise": min(cfg.noise), **summarise_merge([done[("merge", s)] for s in seeds]),
+                  "runs": [done[("merge", s)] for s in seeds]} if cfg.merge else None,
     }  # fmt: skip
     results["wall_time_s"] = time.perf_counter() - plan.started
     plots = write_plots(results, reliability, out)

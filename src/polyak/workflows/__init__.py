@@ -6,6 +6,8 @@
 * :class:`EarlyStopping` — the best epoch over the live weights and every average;
 * :func:`recompute_bn` — BatchNorm statistics recomputed for averaged weights;
 * :func:`soft_update_`, :func:`hard_update_` — target networks (RL, BYOL, MoCo, mean teacher);
+* :class:`TargetEMA` — an EMA kept in a second model (teacher, target network, TR-DPO reference),
+  on a schedule, resumable; shard by shard under FSDP2 and ZeRO-3;
 * :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints.
 
 Batches follow one convention everywhere: a tensor is an input without target, a tuple or list
@@ -19,12 +21,14 @@ from polyak.workflows.early_stopping import Best, EarlyStopping
 from polyak.workflows.ensemble import EnsemblePredictions, ensemble_predictions
 from polyak.workflows.evaluate import evaluate
 from polyak.workflows.target import hard_update_, soft_update_
+from polyak.workflows.target_ema import TargetEMA
 from polyak.workflows.train import train_with_ema
 
 __all__ = [
     "Best",
     "EarlyStopping",
     "EnsemblePredictions",
+    "TargetEMA",
     "ensemble_predictions",
     "evaluate",
     "hard_update_",

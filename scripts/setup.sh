@@ -5,8 +5,10 @@
 #                                  #     diffusers, timm) for the differential tests, JAX
 #                                  #     (jax, optax, flax, equinox: polyak.jax and its peers) and
 #                                  #     the frameworks the callbacks integrate with (lightning,
-#                                  #     transformers, accelerate; none needs torchvision) and
-#                                  #     the docs site's tools (mkdocs, scripts/docs.sh)
+#                                  #     transformers, accelerate, deepspeed; none needs
+#                                  #     torchvision; DeepSpeed builds from its sdist, ~45 s, no
+#                                  #     C++: its ops compile only when used, and the tests use
+#                                  #     none) and the docs site's tools (mkdocs, scripts/docs.sh)
 # torch is pinned to 2.13.0 through constraints.txt: on a CPU-only machine an unpinned torch
 # would pull the newest CUDA build (gigabytes). The package itself declares a range.
 set -euo pipefail

@@ -1,9 +1,10 @@
 """Every ``examples/*.py`` runs with ``--fast`` in its own process and exits 0.
 
-The list is read from the directory, so new examples are run too. One is skipped only where it
-cannot run: a package it imports is not installed (the oldest-versions CI job installs only what
-polyak requires), or FSDP2 on the CPU before torch 2.7 (torch 2.6's CPU streams have no
-``record_event``, which FSDP2's all-gather calls).
+The list is read from the directory, so new examples are run too. One is skipped only where a
+slow-tier test runs it (``ELSEWHERE``) or where it cannot run: a package it imports is not
+installed (the oldest-versions CI job installs only what polyak requires), or FSDP2 on the CPU
+before torch 2.7 (torch 2.6's CPU streams have no ``record_event``, which FSDP2's all-gather
+calls).
 
 Nearly all of an example's ``--fast`` run is importing torch (and torch._dynamo, which the first
 optimizer pulls in) and scikit-learn: ~6 s of CPU each, against well under a second of work. So on
@@ -40,7 +41,9 @@ def _unrunnable(path: Path) -> str | None:
     return None
 
 
-RUNNABLE = [p for p in EXAMPLES if _unrunnable(p) is None]
+# examples whose --fast run is a slow-tier test elsewhere (several framework processes)
+ELSEWHERE = {"deepspeed_zero3": "two DeepSpeed processes (10-40 s): tests/test_deepspeed.py"}
+RUNNABLE = [p for p in EXAMPLES if _unrunnable(p) is None and p.stem not in ELSEWHERE]
 TIMEOUT = 300  # seconds for all of them, generous for a loaded machine
 REQUIRED = ("train_with_ema", "early_stopping", "target_network", "ensembling", "recompute_bn")
 
@@ -134,7 +137,7 @@ def finished(tmp_path_factory):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_with_fast(path, finished):
-    reason = _unrunnable(path)
+    reason = _unrunnable(path) or ELSEWHERE.get(path.stem)
     if reason:
         pytest.skip(reason)
     code, stdout, stderr = finished[path.stem]

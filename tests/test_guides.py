@@ -6,6 +6,9 @@ site) is run by ``tests/test_examples.py`` instead; here the file must exist. ``
 (install commands, ``torchrun``) are not run. A ```text block right after a python block is
 its output: what that block printed must end with it (a Trainer's own log lines may come
 before).
+
+Pages in ``OWN_PROCESS`` run in a fresh interpreter, in the slow tier: they start a process
+group and set DeepSpeed's environment variables, which no other test may inherit.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import ast
 import contextlib
 import importlib.util
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,17 @@ BLOCK = re.compile(r"```(python|text)\n(.*?)```", flags=re.S)
 PAGES = [
     p for p in sorted((ROOT / "docs").rglob("*.md")) if re.search(r"```python\n", p.read_text())
 ]
+OWN_PROCESS = {"guides/deepspeed.md"}
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT / "docs").as_posix()
+
+
+def _pages():
+    for page in PAGES:
+        marks = [pytest.mark.slow] if _name(page) in OWN_PROCESS else []
+        yield pytest.param(page, id=_name(page), marks=marks)
 
 
 def _blocks(page: Path) -> tuple[list[str], list[str]]:
@@ -53,9 +70,7 @@ def test_the_pages_with_code_are_found():
     assert {"guides/quickstart.md", "guides/posthoc.md", "guides/numpy.md"} <= names
 
 
-@pytest.mark.parametrize(
-    "page", PAGES, ids=[p.relative_to(ROOT / "docs").as_posix() for p in PAGES]
-)
+@pytest.mark.parametrize("page", list(_pages()))
 def test_docs_code_runs(page, tmp_path, monkeypatch):
     code, included = _blocks(page)
     for path in included:
@@ -63,6 +78,14 @@ def test_docs_code_runs(page, tmp_path, monkeypatch):
     missing = sorted(name for name in _imports(code) if importlib.util.find_spec(name) is None)
     if missing:  # the oldest-versions job installs only what polyak requires
         pytest.skip(f"{', '.join(missing)} not installed")
+    if _name(page) in OWN_PROCESS:
+        script = tmp_path / "guide_page.py"  # not deepspeed.py: it would shadow the package
+        script.write_text("\n".join(code))
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, str(script)]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{page.name}:\n{done.stderr[-4000:]}"
+        return
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
     printed = None  # what the python block just run printed, until the next block

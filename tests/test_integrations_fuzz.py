@@ -489,8 +489,8 @@ def _entry_case(edits: list[tuple]) -> None:
                 node[path[-1]] = value
             else:
                 del node[path[-1]]
-        except (KeyError, IndexError, TypeError):
-            pass  # an earlier edit removed the path
+        except (KeyError, IndexError, TypeError, RuntimeError):
+            pass  # an earlier edit removed the path, or put a tensor where it went on
     target = polyak.EMA(_model(), DECAY)
     before = _clone(target.state_dict())
     try:

@@ -26,6 +26,7 @@ MODULES = [
     "polyak.merge.weights",
     "polyak.integrations.lightning",
     "polyak.integrations.transformers",
+    "polyak.integrations.accelerate",
     "polyak.errors",
     "polyak.export",
     "polyak.integrations.trl",

@@ -30,12 +30,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from polyak._torch import zero
 from polyak._torch.naming import unwrap
 from polyak.errors import NonFiniteError
 from polyak.files import Outputs
@@ -59,8 +60,12 @@ def averaged_state_dict(
     gives each tensor in the model's own dtype (what ``model.state_dict()`` holds inside
     ``ema.swapped(model)``). Integer tensors keep theirs. Tied tensors stay tied (one copy).
 
+    Under DeepSpeed ZeRO-3 every rank calls it (the averaged partitions are gathered, and the
+    inf/nan check is agreed between the ranks first), and every rank gets the full state.
+
     Raises:
-        polyak.NonFiniteError: the average holds inf/nan (nothing to deploy).
+        polyak.NonFiniteError: the average holds inf/nan (nothing to deploy); under ZeRO-3 on
+            every rank when one rank's partitions do.
         TypeError: ``dtype`` is not a floating torch dtype.
 
     Examples:
@@ -72,22 +77,38 @@ def averaged_state_dict(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    model = unwrap(ema.model)
     bad = ema.nonfinite_tensors(name)
-    if bad:
+    if zero.on_any_rank(bool(bad), model):  # ZeRO-3: every rank stops, not only this one
+        where = f"in {bad[:5]}" if bad else "on another rank"
         raise NonFiniteError(
-            f"average {name or ema.names[0]!r} holds inf/nan in {bad[:5]}: nothing was exported",
+            f"average {name or ema.names[0]!r} holds inf/nan {where}: nothing was exported",
             bad,
         )
-    model_dtypes = {k: v.dtype for k, v in unwrap(ema.model).state_dict().items()}
+    model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     copies: dict[tuple[Any, ...], torch.Tensor] = {}
     out = {}
-    for key, value in _quietly(ema.averaged_state_dict, name).items():
-        target = value.dtype if not value.is_floating_point() else dtype or model_dtypes[key]
-        tie = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), target)
-        if value.numel() == 0 or tie not in copies:
-            copies[tie] = value.detach().to("cpu", target, copy=True).contiguous()
-        out[key] = copies[tie]
+    with _averaged(ema, model, name) as state:
+        for key, value in state.items():
+            target = value.dtype if not value.is_floating_point() else dtype or model_dtypes[key]
+            tie = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), target)
+            if value.numel() == 0 or tie not in copies:
+                copies[tie] = value.detach().to("cpu", target, copy=True).contiguous()
+            out[key] = copies[tie]
     return out
+
+
+@contextlib.contextmanager
+def _averaged(ema: EMA, model: torch.nn.Module, name: str | None) -> Iterator[dict[str, Any]]:
+    """The model's state dict holding the average, valid inside the block. Under DeepSpeed
+    ZeRO-3 the averaged partitions are swapped in and gathered (a collective every rank joins;
+    the gathered weights are freed when the block ends)."""
+    if not any(zero.is_partitioned(p) for p in model.parameters()):
+        yield _quietly(ema.averaged_state_dict, name)
+        return
+    with ema.swapped(model, name), zero.gathered(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the state dict inside swapped() is wanted
+        yield model.state_dict()
 
 
 def metadata(ema: EMA, name: str | None = None, dtype: torch.dtype | None = None) -> dict[str, str]:
@@ -140,7 +161,8 @@ def save(
 
     Args:
         ema: the :class:`polyak.EMA` (not FSDP2-sharded: gather with
-            ``ema.state_dict(full=True)`` there).
+            ``ema.state_dict(full=True)`` there; under DeepSpeed ZeRO-3 every rank calls it
+            and each writes ``path``).
         path: the file to write (replaced atomically if it exists).
         name: the average (default: the only one).
         dtype: floating dtype of the file (default: each tensor's dtype in the model).
@@ -197,6 +219,10 @@ def save_pretrained(
         name: the average (default: the only one).
         dtype: floating dtype of the weights (default ``torch.bfloat16``; ``None``: the
             model's own).
+        **kwargs: go to the model's ``save_pretrained``, except ``is_main_process``
+            (default ``True``): distributed, every rank calls this function (under DeepSpeed
+            ZeRO-3 the averaged partitions are gathered, a collective), and only the rank
+            passing ``is_main_process=True`` writes.
 
     Returns:
         ``directory``, as a :class:`pathlib.Path`.
@@ -221,6 +247,8 @@ def save_pretrained(
     if is_peft:
         kwargs.setdefault("selected_adapters", [inner.active_adapter])
     state = averaged_state_dict(ema, name, dtype)
+    if not kwargs.pop("is_main_process", True):
+        return directory  # another rank writes (the average was gathered with it)
     meta = metadata(ema, name, dtype)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".polyak-export-", dir=directory))

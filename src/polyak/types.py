@@ -85,12 +85,16 @@ class TensorLayout:
         kind: ``"average"`` (averaged, one copy per average) or ``"copied"`` (copied from the
             live model at each update, shared by every average: integer buffers, or floating
             ones with ``buffers="copy"``).
-        shape: the shape stored on this rank (a shard's, under FSDP2).
+        shape: the shape stored on this rank (a shard's, under FSDP2; ``(n,)`` for the ``n``
+            elements of a ZeRO-3 partition).
         dtype: the stored copy's dtype (the average's, float32 by default).
         global_shape: the full tensor's shape (``shape`` when not sharded).
         offset: where this rank's shard starts in the full tensor (zeros when not sharded).
-        sharded: the tensor is sharded across ranks (FSDP2): this rank holds the slice at
-            ``offset`` (possibly all of it, or none).
+        sharded: the tensor is sharded across ranks (FSDP2, DeepSpeed ZeRO-3): this rank holds
+            the slice at ``offset`` (possibly all of it, or none).
+        flat_offset: ZeRO-3 only (else ``None``): this rank holds the elements
+            ``[flat_offset, flat_offset + shape[0])`` of the flattened full tensor, a flat range
+            rather than the block ``offset`` + ``shape``.
     """
 
     kind: Literal["average", "copied"]
@@ -99,3 +103,4 @@ class TensorLayout:
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
     sharded: bool = False
+    flat_offset: int | None = None

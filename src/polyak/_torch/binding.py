@@ -35,11 +35,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from polyak._torch import zero
 from polyak._torch.flat_params import describe_skipped, flatten_
 from polyak._torch.groups import Gate, Group, plan_groups
 from polyak._torch.naming import Entry, select_tensors, unmaterialized, unwrap
 from polyak._torch.segments import Segment
-from polyak._torch.sharding import ShardInfo, fsdp_modules, reshard, shard_info
+from polyak._torch.sharding import Shard, fsdp_modules, reshard, same_local, shard_info
 from polyak._torch.storage import Averages, all_finite, wide
 from polyak._torch.watch import Watch, diff, thawed
 from polyak.errors import ModelChangedError, NonFiniteError
@@ -169,8 +170,8 @@ class Binding:
                 )
         averaged, copied = self._members("average"), self._members("copy")
         sharded = {e.name for e, t in zip(self.entries, self.lives) if e.raw() is not t}
-        self.shards: dict[str, ShardInfo] = {
-            e.name: info for e in self.entries if (info := shard_info(e.raw())) is not None
+        self.shards: dict[str, Shard] = {
+            e.name: info for e in self.entries if (info := shard_info(e.raw(), e.name)) is not None
         }
         if p.flat_params:
             plans = ((self.averages.averaged, averaged), (self.averages.copied, copied))
@@ -201,7 +202,13 @@ class Binding:
                 UserWarning,
                 stacklevel=5,
             )
-        self.sharded = [(i, e) for i, e in enumerate(self.entries) if e.name in sharded]
+        # (index, entry, the ZeRO-3 parameter): DeepSpeed's parameter table is slow to read at
+        # every update, and DeepSpeed never replaces a parameter object (FSDP2 does: re-read)
+        self.sharded = [
+            (i, e, raw if zero.is_partitioned(raw := e.raw()) else None)
+            for i, e in enumerate(self.entries)
+            if e.name in sharded
+        ]
         self.watch = Watch(self.root, self.lives, self.owned, [e.raw() for e in self.frozen])
 
     def _gate(self, device: torch.device) -> Gate:
@@ -228,7 +235,11 @@ class Binding:
         if self.fsdp:
             reshard(self.fsdp)  # after a no_grad forward FSDP2 leaves full weights registered
         if self.watch.changed() or (
-            self.sharded and any(e.get() is not self.lives[i] for i, e in self.sharded)
+            self.sharded
+            and any(
+                not same_local(e.raw() if p is None else p, self.lives[i])
+                for i, e, p in self.sharded
+            )
         ):
             self.refresh()
 
@@ -258,7 +269,7 @@ class Binding:
             self.watch.changed()
             or len(frozen) != len(self.frozen)
             or any(a.raw() is not b.raw() for a, b in zip(frozen, self.frozen))
-            or any(a is not b for a, b in zip(lives, self.lives))
+            or any(not same_local(e.raw(), b) for e, b in zip(entries, self.lives))
             or diff(self.entries, entries, self.shapes(), lives) is not None
         ):
             self.refresh(selection)

@@ -22,12 +22,12 @@ from torch import nn
 from polyak._deprecation import deprecated
 from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
-from polyak._torch import adapters
+from polyak._torch import adapters, zero
 from polyak._torch import state as codec
 from polyak._torch.bema import Corrected, anchor_row, corrected, follow
 from polyak._torch.binding import Binding, Policy, bind, kept_names, pending, select
 from polyak._torch.naming import unwrap
-from polyak._torch.sharding import is_dtensor, reshard
+from polyak._torch.sharding import is_sharded, reshard
 from polyak._torch.swap import SwapState, guard, shared_module, swap_in, swap_out
 from polyak.errors import NonFiniteError
 from polyak.types import BufferPolicy, DecayLike, FrozenPolicy, NonFinite, TensorLayout
@@ -429,8 +429,10 @@ class EMA(TimelineViews):
     def apply_shadow(self, model: nn.Module | None = None, name: str | None = None) -> None:
         """Put average ``name`` into ``model`` (default: the trained model) until
         :meth:`restore`. No copy when the average has the model's dtype and device; FSDP2
-        shards are copied in (and back), since FSDP gathers from its own storage. All or
-        nothing: a failure (e.g. out of memory for a cast copy) leaves the model as it was.
+        shards and ZeRO-3 partitions are copied in (and back), since the framework gathers
+        from its own storage (under ZeRO-3 the gathered copies of persistent parameters are
+        dropped on the way in and out, so each forward gathers what the partitions hold). All
+        or nothing: a failure (e.g. out of memory for a cast copy) leaves the model as it was.
 
         Prefer ``with ema.swapped(model):``, which restores even when its body raises.
         """
@@ -445,21 +447,29 @@ class EMA(TimelineViews):
             for e, live in binding.frozen_targets(model):  # another model: ours are the average
                 entries, sources = [*entries, e], [*sources, live]
             self._warn_nonfinite(row, "swapping in")
+            zero.check_swappable(e.raw() for e in entries)
             merged = adapters.enter(root)  # PEFT adapters merged into the frozen base
             try:
-                self._swap = swap_in(
+                state = swap_in(
                     root,
                     [e.name for e in entries],
                     [e.get() for e in entries],
                     sources,
-                    [is_dtensor(e.raw()) for e in entries],
+                    [is_sharded(e.raw()) for e in entries],
                     [e.is_param for e in entries],
                 )
             except BaseException:
                 adapters.leave(merged)
                 raise
-            self._swap.adapters = merged
-            guard(self, self._swap)
+            state.adapters = merged
+            state.partitioned = [e.raw() for e in entries if zero.is_partitioned(e.raw())]
+            try:
+                zero.release(state.partitioned)  # the next forward gathers the average
+            except BaseException:
+                swap_out(state)  # also unmerges the adapters
+                raise
+            self._swap = state
+            guard(self, state)
 
     def restore(self, model: nn.Module | None = None) -> None:
         """Give the model back its training weights, bit for bit, after :meth:`apply_shadow`.
@@ -479,6 +489,7 @@ class EMA(TimelineViews):
             if self._binding is not None and self._binding.fsdp:
                 reshard(self._binding.fsdp)  # drop full weights gathered from the average
             written = swap_out(state)
+            zero.release(state.partitioned)  # ZeRO-3's persistent parameters: the same
         if written:
             message = (
                 f"parameters {_names_of(written)} were written while the average was swapped "
@@ -529,6 +540,11 @@ class EMA(TimelineViews):
         weights after the restart, a warm-up (``inverse_power``, BEMA's) warms up again, a
         constant decay is not affected by the count. ``step`` keeps counting optimizer steps.
 
+        Under ZeRO-3 the average is written into each rank's partition and the gathered
+        copies of persistent parameters are dropped (the next forward gathers the average).
+        With mixed precision the optimizer's float32 master weights are not changed: copy at
+        the end of training.
+
         Raises:
             polyak.NonFiniteError: the average holds inf/nan (nothing is written).
         """
@@ -551,6 +567,8 @@ class EMA(TimelineViews):
             sources = list(source.values())
             for e, live in binding.frozen_targets(model):  # another model: ours are the average
                 entries, sources = [*entries, e], [*sources, live]
+            params = [e.raw() for e in entries]
+            zero.check_swappable(params)
             targets = [e.get() for e in entries]
             staged = [
                 s.to(t.device, t.dtype) for t, s in zip(targets, sources)
@@ -564,6 +582,7 @@ class EMA(TimelineViews):
                         if v.data_ptr() != source[n].data_ptr():
                             v.copy_(source[n])
                 self._timeline.restart()
+            zero.release(params)
 
     def get_module(self, name: str | None = None) -> nn.Module:
         """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
@@ -576,7 +595,7 @@ class EMA(TimelineViews):
         track (excluded, ``buffers="ignore"``) are shared with the trained model. It holds the
         averages in their own dtype (float32 for a bf16 model). Do not ``.to()`` or cast it:
         that would give it its own copy, detached from the average; pick ``dtype``/``device``
-        when building the EMA instead. Not available for FSDP2-sharded models: use
+        when building the EMA instead. Not available for sharded models (FSDP2, ZeRO-3): use
         :meth:`swapped`. The model check and the inf/nan warning run when the module is made
         and at the first call after each update, so calling it per batch costs nothing. Plain
         attributes are copied when the module is made; for PEFT adapter layers (active adapter,
@@ -598,10 +617,10 @@ class EMA(TimelineViews):
                 "(merge_adapter()): the module would evaluate the live adapters. Call "
                 "unmerge_adapter() first, or evaluate with `with ema.swapped(model):`"
             )
-        if binding.fsdp:
+        if binding.shards:
             raise TypeError(
-                "get_module() cannot copy an FSDP2-sharded model; evaluate with "
-                "`with ema.swapped(model):` or export with ema.state_dict(full=True)"
+                "get_module() cannot copy a sharded model (FSDP2 or DeepSpeed ZeRO-3); evaluate "
+                "with `with ema.swapped(model):` or export with ema.state_dict(full=True)"
             )
         binding.verify()
         self._warn_nonfinite(row, "get_module()")
@@ -641,13 +660,13 @@ class EMA(TimelineViews):
         are the (unwrapped) model's own, tied tensors appear under each of their names, untracked
         tensors are the model's. The averaged tensors are views of the average in its own dtype
         (float32 for a bf16 model; ``load_state_dict`` casts): save or clone them before the
-        next update. Under FSDP2 use ``state_dict(full=True)``.
+        next update. Under FSDP2 or ZeRO-3 use ``state_dict(full=True)``.
         """
         binding = self._bound()
         if binding.shards:
             raise TypeError(
-                "averaged_state_dict() of an FSDP2-sharded model: gather the average with "
-                "ema.state_dict(full=True) instead"
+                "averaged_state_dict() of a sharded model (FSDP2 or DeepSpeed ZeRO-3): gather "
+                "the average with ema.state_dict(full=True) instead"
             )
         binding.verify()
         row = self._row(name)
@@ -662,7 +681,8 @@ class EMA(TimelineViews):
     def layout(self) -> dict[str, TensorLayout]:
         """``{tensor name: TensorLayout}``: what is stored for each tracked tensor (averaged or
         copied), its shape and dtype here, and, under sharding, the full shape and where this
-        rank's shard starts. Plain metadata: no copy, no device sync."""
+        rank's shard starts (for a ZeRO-3 partition, a flat range of the flattened tensor:
+        ``flat_offset``). Plain metadata: no copy, no device sync."""
         binding = self._bound()
         kinds = {e.name: ("average" if e.mode == "average" else "copied") for e in binding.entries}
         out = {}
@@ -676,6 +696,7 @@ class EMA(TimelineViews):
                 info.global_shape if info else shape,
                 info.offset if info else (0,) * len(shape),
                 info is not None,
+                getattr(info, "flat_offset", None),
             )
         return out
 
@@ -699,10 +720,11 @@ class EMA(TimelineViews):
         (``torch.save``) or clone them before the next update. Loadable with
         ``torch.load(..., weights_only=True)``. Warns when an average holds inf/nan.
 
-        Sharded models (FSDP2): by default each rank gets its own shards (a ``"shards"``
-        table; no communication). ``full=True`` gathers full, unsharded tensors instead: a
-        collective that every rank must call; with ``rank0_only`` only rank 0 receives the
-        result (the others get ``None``). A full state dict loads at any world size, or into
+        Sharded models (FSDP2, DeepSpeed ZeRO-3): by default each rank gets its own shards (a
+        ``"shards"`` table; no communication). ``full=True`` gathers full, unsharded tensors
+        instead: a collective that every rank must call (ZeRO-3: one per dtype); with
+        ``rank0_only`` only rank 0 receives the result (the others get ``None``). A full state
+        dict loads at any world size, under another sharding (FSDP2, any ZeRO stage) or into
         an unsharded model. Without sharding ``full=True`` gives the same as the default.
         """
         binding = self._bound()
@@ -711,10 +733,11 @@ class EMA(TimelineViews):
         state = codec.encode(self._timeline, binding.averages, self._policy.dtype, binding.shards)
         if not full:
             return state
-        state = codec.gather(state, binding.shards)
-        if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        rank0_only = rank0_only and torch.distributed.is_initialized()
+        gathered = codec.gather(state, binding.shards, rank0_only)
+        if rank0_only and torch.distributed.get_rank():
             return None
-        return state
+        return gathered
 
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, Any] | None:
         """Deprecated: ``state_dict(full=True, rank0_only=...)``."""
@@ -726,7 +749,8 @@ class EMA(TimelineViews):
 
         Saved values are copied into this EMA's storage, which keeps its dtype (a float32 average
         stays float32 whatever the checkpoint held). Tensor names may carry wrapper prefixes.
-        Under FSDP2 a full checkpoint (any world size) is cut into this rank's shards, and a
+        Under FSDP2 and ZeRO-3 a full checkpoint (any world size) is cut into this rank's shards
+        (or partition), and a
         rank whose checkpoint does not fit raises on every rank instead of leaving the others
         waiting in the next collective. All or nothing: a checkpoint that fails any check
         (a missing field, a wrong or non-finite tensor, inconsistent counters) changes nothing.

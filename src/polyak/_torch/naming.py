@@ -1,6 +1,7 @@
 """Canonical tensor names and the choice of tensors an average tracks.
 
-Wrappers add prefixes to tensor names: DDP and DataParallel ``module.``, ``torch.compile``
+Wrappers add prefixes to tensor names: DDP, DataParallel and DeepSpeed's engine ``module.``,
+``torch.compile``
 ``_orig_mod.``, FSDP1 ``_fsdp_wrapped_module.``, activation checkpointing
 ``_checkpoint_wrapped_module.``. A name that changes with the wrapping silently breaks peers that
 match by name (an average saved through DDP matches none of the names of the unwrapped model).
@@ -20,6 +21,7 @@ from torch import nn
 
 from polyak._names import check_names
 from polyak._torch.sharding import local
+from polyak._torch.zero import engine_module
 
 __all__ = [
     "Entry",
@@ -35,7 +37,8 @@ BUFFER_POLICIES = ("average", "copy", "ignore")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    """The user's module inside DDP / DataParallel / DeepSpeed engine / ``torch.compile``
+    wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
@@ -45,6 +48,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             getattr(model, "module", None), nn.Module
         ):
             model = model.module
+            continue
+        inner = engine_module(model)
+        if inner is not None:
+            model = inner
             continue
         return model
 
@@ -83,7 +90,8 @@ class Entry:
         return table[self.attr]  # type: ignore[return-value]
 
     def get(self) -> torch.Tensor:
-        """The tensor the kernels read: the local shard of a DTensor, else the tensor itself."""
+        """The tensor the kernels read: the local shard of a DTensor, the partition of a ZeRO-3
+        parameter, else the tensor itself."""
         return local(self.raw())
 
 

@@ -3,9 +3,10 @@
 Format (``"format": "polyak.EMA"``, ``"version": 1``): plain tensors keyed by canonical tensor
 name, per average, plus plain Python data (the step counters and every schedule's state); with
 BEMA averages an ``"anchors"`` table holds each one's anchor, keyed like ``"averages"``. Under
-FSDP2 :func:`encode` holds this rank's shards and a ``"shards"`` table (global shape, offset,
-local shape per tensor); :func:`gather` makes full tensors once, for export or to resume at
-another world size.
+FSDP2 and ZeRO-3 :func:`encode` holds this rank's shards and a ``"shards"`` table (global shape,
+offset, local shape per tensor; for a ZeRO-3 partition also its flat offset and the partition
+size); :func:`gather` makes full tensors once, for export or to resume at another world size
+or on another sharding.
 
 Loading is all or nothing: :func:`stage` checks every field and every tensor and makes every
 copy that allocates (a cast, a move to the average's device) before it returns the commit, which
@@ -22,8 +23,9 @@ import torch
 from polyak._names import check_names
 from polyak._state import check_header
 from polyak._timeline import Timeline
+from polyak._torch import zero
 from polyak._torch.naming import canonical_name
-from polyak._torch.sharding import ShardInfo, full_tensor, take_shard
+from polyak._torch.sharding import Shard, ShardInfo, full_tensor, take_shard
 from polyak._torch.storage import Averages, all_finite
 from polyak.errors import NonFiniteError
 
@@ -34,7 +36,7 @@ VERSION = 1
 
 
 def encode(
-    timeline: Timeline, averages: Averages, dtype: torch.dtype, shards: Mapping[str, ShardInfo]
+    timeline: Timeline, averages: Averages, dtype: torch.dtype, shards: Mapping[str, Shard]
 ) -> dict[str, Any]:
     """The state dict: views of the live storage (save or clone them before the next update)."""
     state: dict[str, Any] = {
@@ -57,14 +59,26 @@ def encode(
 
 
 @torch.no_grad()
-def gather(state: dict[str, Any], shards: Mapping[str, ShardInfo]) -> dict[str, Any]:
-    """``state`` with full, unsharded tensors (a collective on every rank under FSDP2)."""
+def gather(
+    state: dict[str, Any], shards: Mapping[str, Shard], rank0_only: bool = False
+) -> dict[str, Any] | None:
+    """``state`` with full, unsharded tensors: collectives that every rank joins (FSDP2: one per
+    tensor; ZeRO-3: one per dtype, only to rank 0 with ``rank0_only``, where the other ranks get
+    ``None``)."""
     state.pop("shards", None)
     anchors = list(state.get("anchors", {}).values())
-    for table in [*state["averages"].values(), *anchors, state["copied"]]:
+    tables = [*state["averages"].values(), *anchors, state["copied"]]
+    flat = {n: s for n, s in shards.items() if isinstance(s, zero.ZeroShard)}
+    fulls = zero.gather(tables, flat, 0 if rank0_only else None) if flat else None
+    if flat and fulls is None:
+        return None
+    for i, table in enumerate(tables):
         for name, view in table.items():
             info = shards.get(name)
-            table[name] = full_tensor(view, info) if info else view.clone()
+            if isinstance(info, ShardInfo):
+                table[name] = full_tensor(view, info)
+            else:
+                table[name] = fulls[i][name] if info is not None and fulls else view.clone()
     return state
 
 
@@ -105,7 +119,7 @@ def _check_tensor(src: Any, dst: torch.Tensor, name: str, what: str) -> None:
 def _match(
     ours: Mapping[str, torch.Tensor],
     saved: Any,
-    shards: Mapping[str, ShardInfo],
+    shards: Mapping[str, Shard],
     saved_shards: Mapping[str, Any],
     what: str,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -118,14 +132,11 @@ def _match(
         info = shards.get(n)
         if info is not None and tuple(src.shape) == info.global_shape != info.local_shape:
             src = take_shard(src, info)  # a full tensor: keep this rank's slice
-        elif (
-            info is not None
-            and n in saved_shards
-            and list(info.offset) != list(saved_shards[n]["offset"])
-        ):
+        elif info is not None and n in saved_shards and saved_shards[n] != info.to_dict():
             raise ValueError(
-                f"{what}: {n} is a shard saved at offset {saved_shards[n]['offset']}, this "
-                f"rank holds offset {list(info.offset)}; load a state_dict(full=True) instead"
+                f"{what}: {n} is a shard saved as {saved_shards[n]!r:.200}, this rank holds "
+                f"{info.to_dict()} (another world size or sharding); load a "
+                "state_dict(full=True) instead"
             )
         if src.shape != dst.shape:
             raise ValueError(
@@ -136,7 +147,7 @@ def _match(
 
 
 def stage(
-    state: Any, timeline: Timeline, averages: Averages, shards: Mapping[str, ShardInfo]
+    state: Any, timeline: Timeline, averages: Averages, shards: Mapping[str, Shard]
 ) -> Callable[[], None]:
     """Check ``state`` against this EMA and make every copy; returns the commit (writes only).
 
@@ -150,6 +161,14 @@ def stage(
     check_names(timeline.names, saved, "the saved averages")
     commit_timeline = timeline.stage_state(state["timeline"])
     saved_shards = state.get("shards") or {}
+    if not isinstance(saved_shards, Mapping):
+        raise TypeError(f"the state dict's 'shards' must be a mapping, got {saved_shards!r:.80}")
+    if saved_shards and not shards:
+        raise ValueError(
+            f"the state dict holds one rank's shards of {len(saved_shards)} sharded tensors (its "
+            "'shards' table), and this model is not sharded; save ema.state_dict(full=True) "
+            "on the sharded run and load that"
+        )
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, views in zip(timeline.names, averages.averaged.views):
         pairs += _match(views, saved[name], shards, saved_shards, f"average {name!r}")

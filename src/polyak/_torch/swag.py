@@ -133,9 +133,16 @@ class SWAG:
             for e in entries
         ]
         self._storage = FlatStorage(specs, rows=self.rank + 2)
-        self._shards: dict[str, ShardInfo] = {
-            e.name: info for e in entries if (info := shard_info(e.raw())) is not None
-        }
+        shards = {e.name: shard_info(e.raw()) for e in entries}
+        zero3 = [
+            n for n, info in shards.items() if info is not None and not isinstance(info, ShardInfo)
+        ]
+        if zero3:  # untested there: refused by name rather than averaged wrong
+            raise TypeError(
+                f"SWAG does not support DeepSpeed ZeRO-3 partitions ({zero3[:3]}); "
+                "keep SWAG on a ZeRO-1/2 or FSDP2 model"
+            )
+        self._shards = {n: info for n, info in shards.items() if isinstance(info, ShardInfo)}
         self.step = 0
         self._last = self.start_step
         self.collected = 0

@@ -47,6 +47,8 @@ class SwapState:
         self.copies: list[tuple[int, torch.Tensor, int]] = []
         # (index, version) of the parameters, whose writes (an optimizer step) are training
         self.versions: list[tuple[int, int]] = []
+        # ZeRO-3 parameters whose gathered copies are dropped on the way in and out
+        self.partitioned: list[Any] = []
 
 
 def _warn_state_dict(module: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from polyak import EMA
 from polyak._timeline import parse_decays
+from polyak._torch import zero
 from polyak.errors import CheckpointError
 from polyak.workflows.write_back import WriteBack
 
@@ -97,6 +98,8 @@ class Averaging:
         self._hooks: list[Any] = []
         self.write_back = write_back
         self._written: tuple[str, int] | None = None  # (unit, count) of the last write-back
+        self._engine: Any = None  # a DeepSpeed engine whose applied steps are counted
+        self._applied = 0  # its count at the last update
 
     # ----------------------------------------------------------------- building
     def build(self, model: nn.Module) -> EMA:
@@ -123,14 +126,21 @@ class Averaging:
         return self.ema.state_dict(full=True)
 
     # ----------------------------------------------------------------- counting steps
-    def count_steps(self, optimizer: torch.optim.Optimizer) -> None:
+    def count_steps(self, optimizer: torch.optim.Optimizer, engine: Any = None) -> None:
         """Count the steps ``optimizer`` really takes (from now on, instead of any other's).
 
         A step post-hook runs only when ``optimizer.step()`` runs: a step that a gradient scaler
         skips (inf/NaN gradients) is not counted. Wrappers exposing the optimizer as
-        ``.optimizer`` (Accelerate's) are looked through.
+        ``.optimizer`` (Accelerate's) are looked through. When ``engine`` is a DeepSpeed engine,
+        the optimizer steps inside ``engine.step()`` (its wrapper's ``step()`` does nothing,
+        and ZeRO steps the inner optimizer once per parameter group), so the engine's count
+        of applied steps is read instead: ``global_steps - skipped_steps`` (an fp16 step skipped
+        for overflow does not count).
         """
         self.release()
+        if zero.engine_module(engine) is not None:
+            self._engine, self._applied, self._steps = engine, _applied(engine), 0
+            return
         inner = getattr(optimizer, "optimizer", None)
         while isinstance(inner, torch.optim.Optimizer):
             optimizer, inner = inner, getattr(inner, "optimizer", None)
@@ -144,6 +154,9 @@ class Averaging:
 
     def update(self) -> None:
         """Update the averages once for the optimizer steps taken since the last call."""
+        if self._engine is not None:
+            now = _applied(self._engine)
+            self._steps, self._applied = self._steps + now - self._applied, now
         if self._steps and self.ema is not None:
             self.ema.update(steps=self._steps)
             self._steps = 0
@@ -160,6 +173,7 @@ class Averaging:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._engine = None
 
     # ----------------------------------------------------------------- evaluating
     def has_average(self) -> bool:
@@ -179,6 +193,11 @@ class Averaging:
         assert self.ema is not None
         name = self.average if self.final_weights == "average" else self.final_weights
         self.ema.copy_to(model, name=name)
+
+
+def _applied(engine: Any) -> int:
+    """Optimizer steps a DeepSpeed engine applied (its steps minus the skipped ones)."""
+    return int(engine.global_steps) - int(engine.skipped_steps)
 
 
 def load_checked(ema: EMA, state: Mapping[str, Any], source: str) -> None:

@@ -191,7 +191,7 @@ class EMACallback(TrainerCallback, ExportableState):
             where = os.path.join(directory, "trainer_state.json")
             run = recorded_run(state.stateful_callbacks, type(self).__name__, where)
             self._load(directory, run, state.global_step, at="the Trainer resumes at")
-        self._avg.count_steps(kwargs["optimizer"])
+        self._avg.count_steps(kwargs["optimizer"], trainer.model_wrapped)  # DeepSpeed: its engine
 
     def on_step_end(
         self,
@@ -267,9 +267,13 @@ class EMACallback(TrainerCallback, ExportableState):
         Args:
             dtype: floating dtype of the weights (default: the model's own).
             **kwargs: go to the model's ``save_pretrained`` (``max_shard_size``, ...).
+
+        Distributed (DDP, ZeRO-3, whose partitions are gathered), every rank calls it; the
+        process that writes is the one the Trainer saves from (``args.should_save``).
         """
         if self._trainer is None or self.ema is None or not self._avg.has_average():
             raise RuntimeError("EMACallback.save_pretrained: no average yet; train first")
+        kwargs.setdefault("is_main_process", self._trainer.args.should_save)
         export.save_pretrained(self.ema, save_directory, self._avg.average, dtype, **kwargs)
 
     # ----------------------------------------------------------------- internals

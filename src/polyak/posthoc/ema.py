@@ -251,6 +251,13 @@ class PostHocEMA:
 
     def _make_writer(self, layout: dict[str, TensorLayout]) -> SnapshotWriter | None:
         rank, world = _distributed()
+        flat = [n for n, t in layout.items() if t.flat_offset is not None]
+        if flat:
+            raise ValueError(
+                f"PostHocEMA stores blocks of tensors, and {flat[:3]} are DeepSpeed ZeRO-3 "
+                "partitions (flat slices); keep a polyak.EMA with the power-function decays "
+                "under ZeRO-3, or take post-hoc snapshots on a ZeRO-1/2 or FSDP2 run"
+            )
         sharded = any(t.sharded for t in layout.values())
         if not self._writes or (world > 1 and not sharded and rank != 0):
             self._writes = False

@@ -6,6 +6,8 @@
 * :class:`EarlyStopping` — the best epoch over the live weights and every average;
 * :func:`recompute_bn` — BatchNorm statistics recomputed for averaged weights;
 * :func:`soft_update_`, :func:`hard_update_` — target networks (RL, BYOL, MoCo, mean teacher);
+* :class:`TargetEMA` — an EMA kept in a second model (teacher, target network, TR-DPO reference),
+  on a schedule, resumable; shard by shard under FSDP2 and ZeRO-3;
 * :func:`ensemble_predictions` — the mean predicted probabilities of several checkpoints;
 * :class:`WriteBack` — when to copy an average into the trained model (Switch EMA, PMA);
 * :func:`swag_predictions` — sample models from a :class:`polyak.SWAG`, recompute BatchNorm,
@@ -23,6 +25,7 @@ from polyak.workflows.ensemble import EnsemblePredictions, ensemble_predictions
 from polyak.workflows.evaluate import evaluate
 from polyak.workflows.swag import swag_predictions
 from polyak.workflows.target import hard_update_, soft_update_
+from polyak.workflows.target_ema import TargetEMA
 from polyak.workflows.train import train_with_ema
 from polyak.workflows.write_back import WriteBack
 
@@ -30,6 +33,7 @@ __all__ = [
     "Best",
     "EarlyStopping",
     "EnsemblePredictions",
+    "TargetEMA",
     "WriteBack",
     "ensemble_predictions",
     "evaluate",

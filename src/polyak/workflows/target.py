@@ -7,6 +7,12 @@ Conventions differ between fields, so the weight is always named for what it wei
 RL papers (DDPG, TD3, SAC) write ``tau`` for ``online_weight`` (``tau=0.005``); self-supervised
 papers (BYOL, MoCo, DINO) write ``tau``/``m``/``momentum`` for ``decay`` (``0.996``). Here ``tau``
 is accepted only as an alias of ``online_weight`` (the RL meaning); pass ``decay=`` for the other.
+
+Sharded pairs (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3) are updated shard by shard, each rank on
+its own slice, with no communication: both networks must be sharded the same way (checked per
+tensor before anything changes). Under FSDP2 the full weights a ``no_grad`` forward leaves
+registered are dropped first; under ZeRO-3 the target's gathered copies of persistent parameters
+are dropped after the update, so its next forward gathers the new weights.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 from torch import nn
 
 from polyak._names import check_names
-from polyak._torch.naming import select_tensors
+from polyak._torch import zero
+from polyak._torch.naming import select_tensors, unwrap
+from polyak._torch.sharding import fsdp_modules, reshard, sharding_of
 from polyak.kernels import lerp_lists_
 from polyak.types import BufferPolicy
 from polyak.workflows._common import check_module
@@ -55,12 +63,15 @@ def _pairs(
     check_module(online, "online")
     if target is online:
         raise ValueError("target and online are the same module: make the target a copy")
+    for model in (target, online):
+        reshard(fsdp_modules(unwrap(model)))  # the shards, not a no_grad forward's full weights
     ours = {e.name: e for e in select_tensors(target, buffers)}
     theirs = {e.name: e for e in select_tensors(online, buffers)}
     check_names(ours, theirs, "the online network does not match the target")
     averaged: list[tuple[torch.Tensor, torch.Tensor]] = []
     copied: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, entry in ours.items():
+        _same_sharding(name, entry.raw(), theirs[name].raw())
         t, o = entry.get(), theirs[name].get()
         if t.shape != o.shape:
             raise ValueError(
@@ -75,6 +86,24 @@ def _pairs(
             )
         (averaged if entry.mode == "average" else copied).append((t, o))
     return averaged, copied
+
+
+def _same_sharding(name: str, target: torch.Tensor, online: torch.Tensor) -> None:
+    mine, theirs = sharding_of(target, name), sharding_of(online, name)
+    if mine != theirs:
+        raise ValueError(
+            f"{name}: the target is {_describe(mine)} but the online network is "
+            f"{_describe(theirs)}; a sharded update works shard by shard, without "
+            "communication, and needs both sharded the same way (the same FSDP2 mesh and "
+            "placements, or DeepSpeed ZeRO-3 over the same ranks): shard the target as the "
+            "online network is"
+        )
+
+
+def _describe(sharding: tuple[Any, ...] | None) -> str:
+    if sharding is None:
+        return "not sharded"
+    return f"{sharding[0]}-sharded ({sharding[1]})"
 
 
 def _apply(
@@ -110,9 +139,11 @@ def soft_update_(
     * ``decay=0.996``: the convention of :class:`polyak.EMA` and of BYOL/MoCo/DINO momentum.
 
     Integer buffers (``num_batches_tracked``) are copied. Tensors are matched by canonical name
-    (so a DDP- or ``torch.compile``-wrapped online network works); names, shapes and kinds are
-    all checked before anything changes. Same dtype and device: one ``torch._foreach_lerp_``,
-    no allocation; otherwise one cast copy per tensor.
+    (so a DDP-, DeepSpeed- or ``torch.compile``-wrapped online network works); names, shapes,
+    kinds and shardings are all checked before anything changes. Same dtype and device: one
+    ``torch._foreach_lerp_``, no allocation; otherwise one cast copy per tensor. Sharded
+    networks (FSDP2, ZeRO-3) are updated shard by shard with no communication (module
+    docstring); every rank calls it.
 
     Args:
         target: the target (teacher, momentum encoder) network, updated in place.
@@ -127,8 +158,8 @@ def soft_update_(
 
     Raises:
         TypeError: none or several of ``online_weight``/``tau``/``decay``; not modules.
-        ValueError: a weight outside ``[0, 1]``; networks that differ in names or shapes, or
-            share tensors.
+        ValueError: a weight outside ``[0, 1]``; networks that differ in names, shapes or
+            shardings, or share tensors.
 
     Examples:
         >>> import copy, torch, polyak
@@ -146,6 +177,7 @@ def soft_update_(
     w = _weight(online_weight, tau, decay)
     averaged, copied = _pairs(target, online, buffers)
     _apply(averaged, copied, w)
+    zero.release(target.parameters())
     return target
 
 
@@ -179,4 +211,5 @@ def hard_update_(
         raise ValueError(f"buffers must be 'copy' or 'ignore', got {buffers!r}")
     averaged, copied = _pairs(target, online, buffers)
     _apply(averaged, copied, 1.0)
+    zero.release(target.parameters())
     return target

@@ -52,3 +52,33 @@ def timeline_average(
         avg = d * avg + (1.0 - d) * np.asarray(v, dtype=np.float64)
         last = t
     return avg
+
+
+def bema(values: Sequence[np.ndarray], spec, update_every: int = 1) -> dict[int, np.ndarray]:
+    """Block & Zhang's BEMA ("EMA Without the Lag", 2025) in float64 (``spec``: the fields of a
+    ``polyak.averages.BEMA``), the EMA part over each gap as the product of per-step
+    decays (per_update: one beta_t per update), the anchor at the update reaching anchor_step.
+
+    values[0] is theta at construction, values[t] after optimizer step t. Returns BEMA_t at
+    every update step t."""
+    rho, gamma, kappa, eta = spec.lag, spec.multiplier, spec.ema_power, spec.bias_power
+    tau = spec.anchor_step
+
+    def beta(t):
+        return min(1.0, max(spec.min_ema_multiplier, (rho + gamma * t) ** -kappa))
+
+    ema = values[0].astype(np.float64)
+    anchor = ema.copy()
+    out, last = {}, 0
+    for t in range(update_every, len(values), update_every):
+        theta = values[t].astype(np.float64)
+        if t - (t - last) < tau:  # the gap reaches the anchor step: both start from here
+            ema, anchor = theta.copy(), theta.copy()
+        else:
+            decay = 1.0 - beta(t)
+            if not spec.per_update:
+                decay = np.prod([1.0 - beta(j) for j in range(last + 1, t + 1)])
+            ema = decay * ema + (1.0 - decay) * theta
+        last = t
+        out[t] = ema + (rho + gamma * t) ** -eta * (theta - anchor)
+    return out

@@ -3,7 +3,9 @@
 
 A block that is only an include of an example (``--8<-- "examples/x.py"``, shown in full on the
 site) is run by ``tests/test_examples.py`` instead; here the file must exist. ```bash blocks
-(install commands, ``torchrun``) and ```text blocks (output) are not run.
+(install commands, ``torchrun``) are not run. A ```text block right after a python block is
+its output: what that block printed must end with it (a Trainer's own log lines may come
+before).
 
 Pages in ``OWN_PROCESS`` run in a fresh interpreter, in the slow tier: they start a process
 group and set DeepSpeed's environment variables, which no other test may inherit.
@@ -12,7 +14,9 @@ group and set DeepSpeed's environment variables, which no other test may inherit
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -23,6 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
+BLOCK = re.compile(r"```(python|text)\n(.*?)```", flags=re.S)
 PAGES = [
     p for p in sorted((ROOT / "docs").rglob("*.md")) if re.search(r"```python\n", p.read_text())
 ]
@@ -83,5 +88,15 @@ def test_docs_code_runs(page, tmp_path, monkeypatch):
         return
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
-    for i, block in enumerate(code):
-        exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)
+    printed = None  # what the python block just run printed, until the next block
+    for i, (kind, block) in enumerate(BLOCK.findall(page.read_text())):
+        if kind == "python" and block in code:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)
+            printed = out.getvalue()
+        elif kind == "text" and printed is not None:  # the output of the block before
+            assert printed.strip().endswith(block.strip()), f"{page.name} block {i + 1}"
+            printed = None
+        else:
+            printed = None

@@ -16,6 +16,7 @@ import polyak
 MODULES = [
     "polyak",
     "polyak.schedules",
+    "polyak.averages",
     "polyak.metrics",
     "polyak.files",
     "polyak.types",

@@ -27,8 +27,9 @@ from polyak.errors import (
 from polyak.kernels import ema_update, ema_update_
 
 if _TYPE_CHECKING:
-    from polyak import merge, metrics, posthoc, presets
+    from polyak import averages, merge, metrics, posthoc, presets
     from polyak._torch.ema import EMA
+    from polyak._torch.swag import SWAG
     from polyak.posthoc import PostHocEMA
     from polyak.workflows import (
         EarlyStopping,
@@ -44,6 +45,8 @@ if _TYPE_CHECKING:
 # A new name goes here, in __all__, and under _TYPE_CHECKING above (for type checkers).
 _LAZY: dict[str, tuple[str, str | None]] = {
     "EMA": ("polyak._torch.ema", "EMA"),
+    "SWAG": ("polyak._torch.swag", "SWAG"),
+    "averages": ("polyak.averages", None),
     "metrics": ("polyak.metrics", None),
     "presets": ("polyak.presets", None),
     "train_with_ema": ("polyak.workflows", "train_with_ema"),
@@ -63,6 +66,7 @@ _EXTRAS = {"torch": "torch"}
 
 __all__ = [
     "EMA",
+    "SWAG",
     "ArrayEMA",
     "CheckpointError",
     "EarlyStopping",
@@ -71,6 +75,7 @@ __all__ = [
     "PostHocEMA",
     "SwappedStateDictWarning",
     "__version__",
+    "averages",
     "ema_update",
     "ema_update_",
     "ensemble_predictions",

@@ -11,6 +11,10 @@ what it says:
 * ``start_step=s``: an update at optimizer step ``t <= s`` copies the live weights; afterwards
   the schedule sees ``t - s`` steps, so a uniform or power average starting at ``s`` weighs only
   weights seen after ``s``.
+* :meth:`Timeline.restart` (a PMA-style write-back) moves that origin to the current step: the
+  schedules count again from there, as if the averages were started now.
+* Anchored averages (:class:`polyak.averages.BEMA`) keep one more row, the anchor; a plan says
+  for each whether this update takes it (decay 0: copy the live weights) or keeps it (1).
 
 Planning and committing are separate so that a caller can run its kernels between the two and
 leave every counter untouched when a kernel raises.
@@ -25,6 +29,7 @@ from warnings import warn
 
 from polyak._deprecation import deprecated
 from polyak._names import check_names
+from polyak.averages import BEMA
 from polyak.schedules import Schedule, as_schedule
 from polyak.types import DecayLike, OneDecay
 
@@ -72,10 +77,12 @@ def _check_int(value: Any, what: str, minimum: int) -> int:
 @dataclass(frozen=True)
 class Plan:
     """What :meth:`Timeline.plan` decided: the new step, and ``decays`` to apply (one per
-    average), empty when no update is due at this step."""
+    average), empty when no update is due at this step; ``anchors``: for each anchored average
+    (:attr:`Timeline.anchored`), 0.0 when this update takes its anchor, else 1.0."""
 
     step: int
     decays: tuple[float, ...]
+    anchors: tuple[float, ...] = ()
 
 
 class Timeline:
@@ -95,6 +102,9 @@ class Timeline:
         self.last_update_step = 0
         self.num_updates = 0
         self.last_decays: tuple[float, ...] | None = None
+        self.origin = 0  # the step of the last restart(): schedules count from max(start, origin)
+        #: rows of the anchored averages (BEMA), in order; their anchors follow the K averages
+        self.anchored = tuple(i for i, s in enumerate(self.schedules) if isinstance(s, BEMA))
         frozen = [
             n for n, s in zip(self.names, self.schedules) if s.kind == "constant" and s(1) == 1
         ]
@@ -116,9 +126,10 @@ class Timeline:
         t = self.step + steps
         if t - self.last_update_step < self.update_every:
             return Plan(t, ())
-        if t <= self.start_step:
-            return Plan(t, tuple(0.0 for _ in self.schedules))
-        t_rel = t - self.start_step
+        start = self.start
+        if t <= start:
+            return Plan(t, tuple(0.0 for _ in self.schedules), tuple(0.0 for _ in self.anchored))
+        t_rel = t - start
         dt = min(t - self.last_update_step, t_rel)
         decays = []
         for name, schedule in zip(self.names, self.schedules):
@@ -129,7 +140,26 @@ class Timeline:
                     f"(gap {dt}); a decay must be a float in [0, 1]"
                 )
             decays.append(float(d))
-        return Plan(t, tuple(decays))
+        anchors = tuple(
+            0.0 if cast(BEMA, self.schedules[i]).anchor_due(t_rel, dt) else 1.0
+            for i in self.anchored
+        )
+        return Plan(t, tuple(decays), anchors)
+
+    @property
+    def start(self) -> int:
+        """The step the schedules count from: ``start_step``, or the last restart if later."""
+        return max(self.start_step, self.origin)
+
+    def restart(self) -> None:
+        """Count the schedules from the current step, as if the averages started now."""
+        self.origin = self.step
+
+    def alpha(self, row: int) -> float:
+        """The correction weight of anchored average ``row`` at its last update (``alpha(0)``
+        before any update after the start)."""
+        schedule = cast(BEMA, self.schedules[row])
+        return schedule.alpha(max(self.last_update_step - self.start, 0))
 
     def commit(self, plan: Plan) -> None:
         """Record that ``plan`` was carried out."""
@@ -154,6 +184,7 @@ class Timeline:
             "num_updates": self.num_updates,
             "update_every": self.update_every,
             "start_step": self.start_step,
+            "origin": self.origin,
             "last_decays": None if self.last_decays is None else list(self.last_decays),
             "schedules": {n: s.state_dict() for n, s in zip(self.names, self.schedules)},
         }
@@ -172,8 +203,11 @@ class Timeline:
             step = _check_int(state["step"], "step", 0)
             last = _check_int(state["last_update_step"], "last_update_step", 0)
             num = _check_int(state["num_updates"], "num_updates", 0)
+            origin = _check_int(state.get("origin", 0), "origin", 0)
         except KeyError as e:
             raise ValueError(f"timeline state is missing the field {e.args[0]!r}") from None
+        if origin > step:
+            raise ValueError(f"inconsistent timeline state: origin={origin} exceeds step={step}")
         if last > step or num > step:
             raise ValueError(
                 f"inconsistent timeline state: step={step}, last_update_step={last}, "
@@ -211,6 +245,7 @@ class Timeline:
                     stacklevel=4,
                 )
             self.step, self.last_update_step, self.num_updates = step, last, num
+            self.origin = origin
             self.last_decays = None if decays is None else tuple(float(d) for d in decays)
 
         return commit

@@ -113,6 +113,12 @@ class ArrayEMA(TimelineViews):
             if kind not in "fc":
                 raise TypeError(f"dtype must be a floating NumPy dtype, got {dtype!r}")
         self._timeline = Timeline(decay, update_every=update_every, start_step=start_step)
+        if self._timeline.anchored:
+            bema = [self._timeline.names[i] for i in self._timeline.anchored]
+            raise TypeError(
+                f"ArrayEMA keeps no BEMA average ({bema}): its correction needs the live weights "
+                "at read time; use polyak.EMA (PyTorch) or polyak.jax"
+            )
         self._init = init
         self._nonfinite = nonfinite
         self._skipped = 0

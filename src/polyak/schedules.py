@@ -57,16 +57,20 @@ __all__ = [
     "debiased",
     "decay_to_halflife",
     "decay_to_sigma_rel",
+    "dino_momentum",
     "gamma_to_sigma_rel",
     "halflife",
     "halflife_to_decay",
     "inverse_power",
+    "lr_weighted",
+    "polynomial",
     "power",
     "scale_decay",
     "sigma_rel_to_decay",
     "sigma_rel_to_gamma",
     "uniform",
     "warmup",
+    "weighted",
 ]
 
 
@@ -576,6 +580,23 @@ def cosine(start: float = 0.996, end: float = 1.0, *, total_steps: int) -> Sched
     return _Cosine(start, end, total_steps)
 
 
+def dino_momentum(total_steps: int, *, start: float = 0.996, end: float = 1.0) -> Schedule:
+    """DINO's teacher momentum: a cosine ramp from ``start`` (0.996) to ``end`` (1) over training.
+
+    Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021), update
+    the teacher after iteration ``i`` (0-based, ``i = t - 1``) with momentum
+    ``m_i = end + (start - end) * (1 + cos(pi * i / T)) / 2`` for ``T`` = epochs x iterations per
+    epoch (their ``cosine_scheduler``). That is :func:`cosine` over ``total_steps = T``, which this
+    returns; steps after ``T`` keep ``end``.
+
+    Examples:
+        >>> d = dino_momentum(100)
+        >>> d(1), round(d(51), 12), d(200)
+        (0.996, 0.998, 1.0)
+    """
+    return cosine(start, end, total_steps=total_steps)
+
+
 class _Debiased(Schedule):
     kind = "debiased"
 
@@ -674,3 +695,7 @@ def as_schedule(decay: float | Schedule | Callable[[int, int], float]) -> Schedu
         f"decay must be a number, a Schedule or a callable (t, dt) -> float, "
         f"got {type(decay).__name__}"
     )
+
+
+# Weighted averages live in their own module (one idea each) and are part of this namespace.
+from polyak._weighted import lr_weighted, polynomial, weighted  # noqa: E402

@@ -24,6 +24,7 @@ from polyak._names import check_names
 from polyak._timeline import Timeline, TimelineViews
 from polyak._torch import adapters, zero
 from polyak._torch import state as codec
+from polyak._torch.bema import Corrected, anchor_row, corrected, follow
 from polyak._torch.binding import Binding, Policy, bind, kept_names, pending, select
 from polyak._torch.naming import unwrap
 from polyak._torch.sharding import is_sharded, reshard
@@ -109,7 +110,8 @@ class EMA(TimelineViews):
     Args:
         model: the model being trained (possibly wrapped by DDP or ``torch.compile``).
         decay: a float, a schedule from :mod:`polyak.schedules`, or a sequence / dict of them
-            to keep several averages at once.
+            to keep several averages at once; a BEMA average (:func:`polyak.averages.bema`)
+            too, whose reads are bias-corrected (one more copy, its anchor).
         buffers: ``"average"``, ``"copy"`` or ``"ignore"`` for floating buffers.
         include: glob pattern(s); only matching tensors are tracked.
         exclude: glob pattern(s) of tensors not to track.
@@ -239,18 +241,24 @@ class EMA(TimelineViews):
         self._swap: SwapState | None = None
         # module, updates when checked, adapters' state when made
         self._modules: dict[str, tuple[nn.Module, int, Any]] = {}
+        self._refreshers: dict[str, Any] = {}  # BEMA modules: recompute the correction if due
         self._owned: dict[int, torch.Tensor] = {}  # the flat buffers flat_params made
         self._freeze_warned = False
         selection = select(model, self._policy)  # bad policies fail here, built or not
         self._names = [e.name for e in selection.entries]
         self._binding: Binding | None = None
         if pending(selection.entries, selection.lives) is None:
-            self._binding = bind(model, self._policy, selection, self._k, None, self._owned)
+            self._binding = bind(model, self._policy, selection, self._rows, None, self._owned)
 
     # ----------------------------------------------------------------- binding
     @property
     def _k(self) -> int:
         return len(self._timeline.names)
+
+    @property
+    def _rows(self) -> int:
+        """Storage rows: the averages, then the anchors of the BEMA averages."""
+        return self._k + len(self._timeline.anchored)
 
     def _bound(self) -> Binding:
         """The binding, made now if the model's weights did not exist when the EMA was built."""
@@ -259,7 +267,7 @@ class EMA(TimelineViews):
                 self._model,
                 self._policy,
                 select(self._model, self._policy),
-                self._k,
+                self._rows,
                 None,
                 self._owned,
             )
@@ -269,6 +277,7 @@ class EMA(TimelineViews):
         self._model, self._binding = model, binding
         self._names = [e.name for e in binding.entries]
         self._modules.clear()
+        self._refreshers.clear()
 
     def _follow(self, model: nn.Module) -> Binding:
         """``update(other_model)``: the same tensors by name and shape, read from ``model``."""
@@ -280,7 +289,7 @@ class EMA(TimelineViews):
             self._names, [e.name for e in selection.entries], "the model passed to update()"
         )
         if self._binding is None:
-            binding = bind(model, self._policy, selection, self._k, None, self._owned)
+            binding = bind(model, self._policy, selection, self._rows, None, self._owned)
         else:
             old = {e.name: e.mode for e in self._binding.entries}
             for e in selection.entries:
@@ -312,7 +321,7 @@ class EMA(TimelineViews):
                 tracked = {e.name for e in old.entries}
                 frozen = [e.name for e in selection.frozen if e.name not in tracked]
                 selection = select(model, self._policy, frozen)
-            binding = bind(model, self._policy, selection, self._k, old, self._owned)
+            binding = bind(model, self._policy, selection, self._rows, old, self._owned)
             entries = selection.entries
             kept = kept_names(old, entries, selection.lives) if old is not None else []
             report = {
@@ -349,7 +358,7 @@ class EMA(TimelineViews):
             if plan.decays:
                 if self._policy.dtype in _LOW_PRECISION and not self._freeze_warned:
                     self._warn_freeze(plan.decays)
-                binding.apply(plan.decays, self._timeline.num_updates)
+                binding.apply(plan.decays + plan.anchors, self._timeline.num_updates)
             self._timeline.commit(plan)
 
     def _warn_freeze(self, decays: tuple[float, ...]) -> None:
@@ -380,9 +389,19 @@ class EMA(TimelineViews):
     def averaged_tensors(self, name: str | None = None) -> dict[str, torch.Tensor]:
         """``{tensor name: view}`` of one average (averaged and copied tensors), no copies.
 
-        Under FSDP2 these are this rank's shards; ``state_dict(full=True)`` gathers them.
+        Under FSDP2 these are this rank's shards; ``state_dict(full=True)`` gathers them. For a
+        BEMA average (:func:`polyak.averages.bema`) these are the stored EMA part, not the
+        corrected weights: the correction ``alpha (live - anchor)`` depends on the live weights
+        at the time of the read, so it cannot be a view; ``averaged_state_dict(name)`` (and
+        every other read) gives the corrected weights.
         """
         return self._bound().averages.row(self._row(name))
+
+    def _read(self, row: int, binding: Binding) -> dict[str, torch.Tensor]:
+        """What a read of average ``row`` gives: the stored views, or BEMA's corrected weights
+        in a new buffer."""
+        fixed = corrected(binding, self._timeline, row)
+        return binding.averages.row(row) if fixed is None else fixed
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """``{tensor name: live tensor}``: the model's tracked tensors as the averages read
@@ -424,7 +443,7 @@ class EMA(TimelineViews):
             binding.verify()
             row = self._row(name)
             root, entries = binding.targets(model)
-            sources = list(binding.averages.row(row).values())
+            sources = list(self._read(row, binding).values())
             for e, live in binding.frozen_targets(model):  # another model: ours are the average
                 entries, sources = [*entries, e], [*sources, live]
             self._warn_nonfinite(row, "swapping in")
@@ -505,8 +524,21 @@ class EMA(TimelineViews):
         self._restore(strict=True)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module | None = None, name: str | None = None) -> None:
+    def copy_to(
+        self, model: nn.Module | None = None, name: str | None = None, *, restart: bool = False
+    ) -> None:
         """Write average ``name`` into ``model``'s tensors permanently (a copy, cast as needed).
+
+        Called on the trained model during training, this is a write-back (Switch EMA, Li et al.
+        2024; :class:`polyak.workflows.WriteBack` schedules it). The optimizer's state is not
+        touched: Adam's moments keep describing the old trajectory (see the write-back guide).
+
+        ``restart=True`` (PMA-style, Li et al. 2025): after writing, the averages start again
+        from the written weights, as if the EMA were built now: every average (and each BEMA
+        anchor) is set to them, and the schedules count steps from here
+        (:meth:`polyak._timeline.Timeline.restart`): a uniform or power average weighs only the
+        weights after the restart, a warm-up (``inverse_power``, BEMA's) warms up again, a
+        constant decay is not affected by the count. ``step`` keeps counting optimizer steps.
 
         Under ZeRO-3 the average is written into each rank's partition and the gathered
         copies of persistent parameters are dropped (the next forward gathers the average).
@@ -516,6 +548,8 @@ class EMA(TimelineViews):
         Raises:
             polyak.NonFiniteError: the average holds inf/nan (nothing is written).
         """
+        if not isinstance(restart, bool):
+            raise TypeError(f"restart must be True or False, got {restart!r}")
         with self._lock:
             self._not_swapped("copy_to()", "would be undone by restore()")
             binding = self._bound()
@@ -529,7 +563,8 @@ class EMA(TimelineViews):
                     bad,
                 )
             _, entries = binding.targets(model)
-            sources = list(binding.averages.row(row).values())
+            source = self._read(row, binding)
+            sources = list(source.values())
             for e, live in binding.frozen_targets(model):  # another model: ours are the average
                 entries, sources = [*entries, e], [*sources, live]
             params = [e.raw() for e in entries]
@@ -540,10 +575,20 @@ class EMA(TimelineViews):
             ]  # every allocation before the first write
             for t, s in zip(targets, staged):
                 t.copy_(s)
+            if restart:
+                averaged = binding.averages.averaged
+                for views in averaged.views:
+                    for n, v in views.items():
+                        if v.data_ptr() != source[n].data_ptr():
+                            v.copy_(source[n])
+                self._timeline.restart()
             zero.release(params)
 
     def get_module(self, name: str | None = None) -> nn.Module:
         """An ``nn.Module`` that evaluates with average ``name``, in eval mode.
+
+        A BEMA average's module holds its own corrected copy (one more copy of the tensors),
+        recomputed at its first forward after an update or a change of the live weights.
 
         Memory: only the module structure. Its parameters and buffers *are* the average's
         storage (views, no copy), so it follows every :meth:`update`; tensors the EMA does not
@@ -579,10 +624,16 @@ class EMA(TimelineViews):
             )
         binding.verify()
         self._warn_nonfinite(row, "get_module()")
+        refresh = self._refreshers.get(key)
+        if cached is not None and refresh is not None:
+            refresh()
         if cached is None:
-            replacements = {
-                id(t): v for t, v in zip(binding.lives, binding.averages.row(row).values())
-            }
+            views = binding.averages.row(row)
+            buffer = None
+            if anchor_row(self._timeline, row) is not None:  # BEMA: its own corrected copy
+                buffer = Corrected(binding)
+                views = buffer.views()  # filled by the refresher below
+            replacements = {id(t): v for t, v in zip(binding.lives, views.values())}
             keep = [
                 t
                 for m in binding.root.modules()
@@ -590,6 +641,9 @@ class EMA(TimelineViews):
                 if t is not None and id(t) not in replacements
             ]
             cached = (shared_module(binding.root, replacements, keep), 0, state)
+            if buffer is not None:
+                self._refreshers[key] = follow(cached[0], buffer, self._timeline, row)
+                self._refreshers[key]()
         self._modules[key] = (cached[0], self._timeline.num_updates, state)
         return cached[0]
 
@@ -617,7 +671,7 @@ class EMA(TimelineViews):
         binding.verify()
         row = self._row(name)
         self._warn_nonfinite(row, "averaged_state_dict()")
-        views = binding.averages.row(row)
+        views = self._read(row, binding)
         by_id = {id(t): views[e.name] for e, t in zip(binding.entries, binding.lives)}
         return {
             k: by_id.get(id(v), v.detach())

@@ -1,7 +1,8 @@
 """Saving and loading an :class:`polyak.EMA`, sharded or not: the state-dict codec.
 
 Format (``"format": "polyak.EMA"``, ``"version": 1``): plain tensors keyed by canonical tensor
-name, per average, plus plain Python data (the step counters and every schedule's state). Under
+name, per average, plus plain Python data (the step counters and every schedule's state); with
+BEMA averages an ``"anchors"`` table holds each one's anchor, keyed like ``"averages"``. Under
 FSDP2 and ZeRO-3 :func:`encode` holds this rank's shards and a ``"shards"`` table (global shape,
 offset, local shape per tensor; for a ZeRO-3 partition also its flat offset and the partition
 size); :func:`gather` makes full tensors once, for export or to resume at another world size
@@ -46,6 +47,12 @@ def encode(
         "averages": {n: dict(v) for n, v in zip(timeline.names, averages.averaged.views)},
         "copied": dict(averages.copied.views[0]),
     }
+    k = len(timeline.names)
+    if timeline.anchored:
+        views = averages.averaged.views
+        state["anchors"] = {
+            timeline.names[i]: dict(views[k + j]) for j, i in enumerate(timeline.anchored)
+        }
     if shards:
         state["shards"] = {n: s.to_dict() for n, s in shards.items()}
     return state
@@ -59,7 +66,8 @@ def gather(
     tensor; ZeRO-3: one per dtype, only to rank 0 with ``rank0_only``, where the other ranks get
     ``None``)."""
     state.pop("shards", None)
-    tables = [*state["averages"].values(), state["copied"]]
+    anchors = list(state.get("anchors", {}).values())
+    tables = [*state["averages"].values(), *anchors, state["copied"]]
     flat = {n: s for n, s in shards.items() if isinstance(s, zero.ZeroShard)}
     fulls = zero.gather(tables, flat, 0 if rank0_only else None) if flat else None
     if flat and fulls is None:
@@ -165,6 +173,25 @@ def stage(
     for name, views in zip(timeline.names, averages.averaged.views):
         pairs += _match(views, saved[name], shards, saved_shards, f"average {name!r}")
     pairs += _match(averages.copied.views[0], state["copied"], shards, saved_shards, "copied")
+    if timeline.anchored:
+        anchors = state.get("anchors")
+        if not isinstance(anchors, Mapping):
+            raise ValueError(
+                f"the state dict has no 'anchors' table for the BEMA averages "
+                f"{[timeline.names[i] for i in timeline.anchored]}; it was saved by an EMA "
+                "without them: load it into an EMA with the same decays"
+            )
+        wanted = [timeline.names[i] for i in timeline.anchored]
+        check_names(wanted, anchors, "the saved anchors")
+        k = len(timeline.names)
+        for j, name in enumerate(wanted):
+            views = averages.averaged.views[k + j]
+            pairs += _match(views, anchors[name], shards, saved_shards, f"anchor of {name!r}")
+    elif state.get("anchors"):
+        raise ValueError(
+            f"the state dict holds anchors of BEMA averages {sorted(state['anchors'])!r:.200}, "
+            "this EMA keeps no BEMA average: build it with the decays it was saved with"
+        )
     with torch.no_grad():
         staged = [(dst, src.to(dst.device, dst.dtype)) for dst, src in pairs]
 

@@ -20,6 +20,7 @@ from polyak import EMA
 from polyak._timeline import parse_decays
 from polyak._torch import zero
 from polyak.errors import CheckpointError
+from polyak.workflows.write_back import WriteBack
 
 __all__ = ["EVALUATE", "Averaging", "load_checked", "rng_untouched"]
 
@@ -37,6 +38,7 @@ class Averaging:
         final_weights: ``"live"``, ``"average"`` (the evaluated one) or an average's name.
         ema_kwargs: further :class:`polyak.EMA` arguments.
         owner: the callback's name, for error messages.
+        write_back: when to copy an average into the trained model (or ``None``).
     """
 
     def __init__(
@@ -48,10 +50,22 @@ class Averaging:
         final_weights: str,
         ema_kwargs: Mapping[str, Any],
         owner: str,
+        write_back: WriteBack | None = None,
     ) -> None:
         if evaluate not in EVALUATE:
             raise ValueError(f"{owner}: evaluate must be one of {EVALUATE}, got {evaluate!r}")
         names, _ = parse_decays(decay)  # checks decay, names the averages as EMA does
+        if write_back is not None:
+            if not isinstance(write_back, WriteBack):
+                raise TypeError(
+                    f"{owner}: write_back must be a polyak.workflows.WriteBack, got "
+                    f"{type(write_back).__name__}"
+                )
+            if write_back.average is not None and write_back.average not in names:
+                raise ValueError(
+                    f"{owner}: WriteBack(average={write_back.average!r}) is not one of the "
+                    f"averages {list(names)}"
+                )
         if average is None:
             average = names[0]
         elif average not in names:
@@ -82,6 +96,8 @@ class Averaging:
         self._pending_source = ""
         self._steps = 0  # optimizer steps taken since the last update
         self._hooks: list[Any] = []
+        self.write_back = write_back
+        self._written: tuple[str, int] | None = None  # (unit, count) of the last write-back
         self._engine: Any = None  # a DeepSpeed engine whose applied steps are counted
         self._applied = 0  # its count at the last update
 
@@ -144,6 +160,13 @@ class Averaging:
         if self._steps and self.ema is not None:
             self.ema.update(steps=self._steps)
             self._steps = 0
+
+    def write_back_after(self, model: nn.Module, unit: str, count: int) -> None:
+        """Carry out the write-back due after ``count`` ``unit`` (once per count)."""
+        if self.write_back is None or self.ema is None or self._written == (unit, count):
+            return
+        if self.write_back.apply(self.ema, model, count, unit):
+            self._written = (unit, count)
 
     def release(self) -> None:
         """Stop counting optimizer steps."""

@@ -2,7 +2,8 @@
 untrusted input.
 
 * ``polyak_ema.<16 hex>.safetensors``: the tensors (``average/<i>/<tensor name>`` for the
-  ``i``-th average, ``copied/<tensor name>``), loaded without unpickling anything; the 16 hex
+  ``i``-th average, ``anchor/<i>/<tensor name>`` for its anchor when it is a BEMA average,
+  ``copied/<tensor name>``), loaded without unpickling anything; the 16 hex
   digits are the start of the file's SHA-256;
 * ``polyak_ema.json``: everything else (format, dtype, step counters and schedule state, the
   averages' names), the identity of the state (the run and the trainer's global step it was
@@ -43,7 +44,7 @@ TENSORS = re.compile(r"polyak_ema\.[0-9a-f]{16}\.safetensors")
 RUN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: the run identity the callbacks write
 _FORMAT, _VERSION = "polyak.EMA files", 2
 _MAX_JSON = 4 << 20  # counters, schedule states and names: kilobytes
-_KEY = re.compile(r"(?:average/(0|[1-9][0-9]{0,8})|copied)/(.+)", re.DOTALL)
+_KEY = re.compile(r"(?:(average|anchor)/(0|[1-9][0-9]{0,8})|copied)/(.+)", re.DOTALL)
 _FIELDS = ("format", "version", "run", "global_step", "tensors", "bytes", "sha256", "averages")
 _STATE_FIELDS = {"format": str, "version": int, "dtype": str, "timeline": dict}
 _KINDS = {int: "an int", str: "a string", list: "a list", dict: "an object"}
@@ -87,6 +88,8 @@ def save_ema_files(
         f"average/{i}/{k}": v for i, n in enumerate(names) for k, v in state["averages"][n].items()
     }
     tensors.update({f"copied/{k}": v for k, v in state["copied"].items()})
+    for n, table in state.get("anchors", {}).items():
+        tensors.update({f"anchor/{names.index(n)}/{k}": v for k, v in table.items()})
     # views of one flat buffer share a storage, which safetensors refuses: one copy each, on CPU
     data = save({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}, {"run": run})
     digest = hashlib.sha256(data).hexdigest()
@@ -262,14 +265,22 @@ def _state(meta: Mapping[str, Any], tensors: Mapping[str, Any], path: Path) -> d
     """The state dict: the JSON's state with the tensors put back under their averages."""
     names = meta["averages"]
     state: dict[str, Any] = {**meta["state"], "averages": {n: {} for n in names}, "copied": {}}
+    anchors: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         match = _KEY.fullmatch(key)
-        if match is None or (match[1] is not None and int(match[1]) >= len(names)):
+        if match is None or (match[2] is not None and int(match[2]) >= len(names)):
             raise CheckpointError(
-                f"{path}: the tensor key {key!r:.120} is not 'average/<i>/<name>' with i < "
-                f"{len(names)} (the averages in {path.with_name(JSON_NAME)}) nor "
-                f"'copied/<name>'; {_REPAIR}"
+                f"{path}: the tensor key {key!r:.120} is not 'average/<i>/<name>' or "
+                f"'anchor/<i>/<name>' with i < {len(names)} (the averages in "
+                f"{path.with_name(JSON_NAME)}) nor 'copied/<name>'; {_REPAIR}"
             )
-        table = state["copied"] if match[1] is None else state["averages"][names[int(match[1])]]
-        table[match[2]] = value
+        if match[1] is None:
+            table = state["copied"]
+        elif match[1] == "anchor":
+            table = anchors.setdefault(names[int(match[2])], {})
+        else:
+            table = state["averages"][names[int(match[2])]]
+        table[match[3]] = value
+    if anchors:
+        state["anchors"] = anchors
     return state

@@ -25,6 +25,7 @@ from polyak.integrations._checkpoint_entry import (
 )
 from polyak.integrations._common import Averaging, rng_untouched
 from polyak.types import DecayLike, EMAOptions
+from polyak.workflows.write_back import WriteBack
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -105,6 +106,11 @@ class EMACallback(pl.Callback):
         average: name of the average evaluated, exported or copied (default: the first).
         final_weights: what the model holds after ``fit``: ``"live"`` (default), ``"average"``
             (the evaluated one) or an average's name.
+        write_back: a :class:`polyak.workflows.WriteBack`: copy an average into the trained
+            model at its optimizer steps (after that step's update) or epoch ends
+            (``on_train_epoch_end``, after validation), restarting
+            the averages if it says so (Switch EMA, PMA). A decay may be a BEMA average
+            (:func:`polyak.averages.bema`): evaluation and exports then use its corrected weights.
         save_average_as_weights: write the average as the checkpoint's ``state_dict`` (so
             ``Module.load_from_checkpoint`` gives it), keeping the live weights for resume in the
             callback's entry. Checkpoints saved with ``save_weights_only=True`` get no callback
@@ -137,6 +143,7 @@ class EMACallback(pl.Callback):
         average: str | None = None,
         final_weights: str = "live",
         save_average_as_weights: bool = False,
+        write_back: WriteBack | None = None,
         start_epoch: int = 0,
         **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
@@ -154,6 +161,7 @@ class EMACallback(pl.Callback):
             final_weights=final_weights,
             ema_kwargs=ema_kwargs,
             owner="EMACallback",
+            write_back=write_back,
         )
         self.save_average_as_weights = save_average_as_weights
         # Lightning reads the key at every hook call: build the string once
@@ -217,13 +225,18 @@ class EMACallback(pl.Callback):
         step. The steps an update skips are covered by the next one (``decay**k``)."""
         return step_idx is not None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if self.should_update(step_idx=trainer.global_step - 1):
             self._avg.update()
+        if self._avg.write_back is not None and self.ema is not None:  # after that update
+            self._avg.write_back_after(pl_module, "steps", trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_update(epoch_idx=trainer.current_epoch):
             self._avg.update()
+        self._avg.write_back_after(pl_module, "epochs", trainer.current_epoch + 1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._avg.release()

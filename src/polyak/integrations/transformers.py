@@ -22,6 +22,7 @@ from polyak.integrations._common import Averaging, rng_untouched
 from polyak.integrations._ema_files import save_ema_files
 from polyak.integrations._identity import RECORD, read_own_files, recorded_run
 from polyak.types import DecayLike, EMAOptions
+from polyak.workflows.write_back import WriteBack
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -103,6 +104,11 @@ class EMACallback(TrainerCallback, ExportableState):
         average: name of the average evaluated, exported or copied (default: the first).
         final_weights: what the model holds after training: ``"live"`` (default),
             ``"average"`` (the evaluated one) or an average's name.
+        write_back: a :class:`polyak.workflows.WriteBack`: copy an average into the trained
+            model at its optimizer steps (after that step's update) or epoch ends
+            (``on_epoch_end``, before the Trainer's epoch evaluation), restarting
+            the averages if it says so (Switch EMA, PMA). A decay may be a BEMA average
+            (:func:`polyak.averages.bema`): evaluation and exports then use its corrected weights.
         **ema_kwargs: any other :class:`polyak.EMA` argument.
 
     Examples:
@@ -127,6 +133,7 @@ class EMACallback(TrainerCallback, ExportableState):
         evaluate: Literal["average", "live", "both"] = "average",
         average: str | None = None,
         final_weights: str = "live",
+        write_back: WriteBack | None = None,
         **ema_kwargs: Unpack[EMAOptions],
     ) -> None:
         self._avg = Averaging(
@@ -136,6 +143,7 @@ class EMACallback(TrainerCallback, ExportableState):
             final_weights=final_weights,
             ema_kwargs=ema_kwargs,
             owner="EMACallback",
+            write_back=write_back,
         )
         self._trainer: Any = None  # the Trainer found by on_init_end / on_train_begin
         self._run = uuid.uuid4().hex
@@ -193,6 +201,17 @@ class EMACallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         self._avg.update()
+        if self._avg.write_back is not None and self.ema is not None:
+            self._avg.write_back_after(kwargs["model"], "steps", self.ema.step)
+
+    def on_epoch_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        self._avg.write_back_after(kwargs["model"], "epochs", round(state.epoch or 0))
 
     def on_save(
         self,

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from polyak._timeline import parse_decays
+from polyak.averages import BEMA
 from polyak.integrations.transformers import EMACallback, _find_trainer
 from polyak.schedules import Schedule
 from polyak.types import DecayLike, EMAOptions
@@ -72,9 +74,10 @@ class ReferenceCallback(EMACallback):
     :meth:`polyak.EMA.get_module` (views of the average, no copy), started from the weights of
     the ``ref_model`` given to the trainer. ``mixup_alpha=1`` is TR-DPO's hard update.
 
-    Another kind of average (``decay=``, any :mod:`polyak.schedules` schedule; BEMA once it
-    is one): the average is updated after every optimizer step and copied into the reference
-    every ``sync_steps`` steps.
+    Another kind of average (``decay=``, any :mod:`polyak.schedules` schedule, or a BEMA
+    average, :func:`polyak.averages.bema`): the average is updated after every optimizer step
+    (or every ``update_every``) and copied into the reference every ``sync_steps`` steps; a
+    BEMA reference is the corrected ``EMA_t + alpha_t (policy_t - policy_0)`` of the sync step.
 
     PEFT: with a ``PeftModel`` policy and no ``ref_model`` (TRL then evaluates the reference as
     the base model with the adapter disabled), the reference is kept as an averaged adapter:
@@ -130,7 +133,9 @@ class ReferenceCallback(EMACallback):
         if len(self._avg.names) != 1:
             raise ValueError("ReferenceCallback keeps one average: pass one decay")
         self._reference: Any = None  # the trainer's ref_model (a copy target), if any
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (adapter "ref", average)
+        self._pairs: list[tuple[torch.Tensor, str]] = []  # (adapter "ref", average's name)
+        # a BEMA average is read corrected (a new buffer), a plain one through its views
+        self._corrected = decay is not None and isinstance(parse_decays(decay)[1][0], BEMA)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self._trainer or _find_trainer(self)
@@ -174,9 +179,10 @@ class ReferenceCallback(EMACallback):
         ema = self.ema
         assert ema is not None
         if self._pairs:
+            values = ema.averaged_state_dict() if self._corrected else ema.averaged_tensors()
             with torch.no_grad():
-                for target, source in self._pairs:
-                    target.copy_(source)
+                for target, name in self._pairs:
+                    target.copy_(values[name])
         elif self._reference is not None:
             ema.copy_to(self._reference)
 
@@ -206,15 +212,15 @@ def _add_reference_adapter(model: Any) -> None:
             p.requires_grad_(False)
 
 
-def _adapter_pairs(model: Any, ema: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(tensor of the "ref" adapter, the average of the active adapter's)`` by name."""
+def _adapter_pairs(model: Any, ema: Any) -> list[tuple[torch.Tensor, str]]:
+    """``(tensor of the "ref" adapter, the name of the active adapter's average)``."""
     active = model.active_adapter
     params = dict(model.named_parameters())
     pairs = []
-    for name, value in ema.averaged_tensors().items():
+    for name in ema.averaged_tensors():
         target = name.replace(f".{active}.", f".{REFERENCE_ADAPTER}.")
         if target != name and target in params:
-            pairs.append((params[target].detach(), value))
+            pairs.append((params[target].detach(), name))
     if not pairs:
         raise ValueError(
             f"ReferenceCallback: the PEFT model's adapter {active!r} has no tensors averaged "

@@ -222,6 +222,11 @@ def twin(schedule: Schedule) -> Twin:
         TypeError: a ``Schedule`` subclass defined elsewhere (its formula is not known here), or
             a callable that JAX cannot trace on integer scalars.
     """
+    from polyak.jax._more_decays import more_twin  # weighted schedules and BEMA
+
+    extra = more_twin(schedule)
+    if extra is not None:
+        return extra
     kind = schedule.kind if type(schedule).__module__ == _schedules.__name__ else None
     s: Any = schedule
     if kind == "constant":

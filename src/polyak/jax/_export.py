@@ -78,6 +78,18 @@ def state_dict(state: Any) -> dict[str, Any]:
             for n, avg in zip(state.names, state.averages)
         },
         "skipped_updates": int(state.skipped),
+        **(
+            {
+                "anchors": {
+                    state.names[i]: [
+                        _to_numpy(x) for x in jax.tree.leaves(state.averages[len(state.names) + j])
+                    ]
+                    for j, i in enumerate(state.spec.anchored)
+                }
+            }
+            if state.spec.anchored
+            else {}
+        ),
     }
 
 
@@ -159,8 +171,24 @@ def load_state_dict(template: EMAState, state: Mapping[str, Any]) -> EMAState:
             f"the state dict's 'averages' must be a mapping, got {type(saved).__name__}"
         )
     check_names(template.names, saved, "the saved averages")
+    rows = list(zip(template.names, template.averages))
+    if template.spec.anchored:
+        anchors = state.get("anchors")
+        if not isinstance(anchors, Mapping):
+            raise ValueError(
+                "the state dict has no 'anchors' for the BEMA averages "
+                f"{[template.names[i] for i in template.spec.anchored]}; load a state saved "
+                "with the same decays"
+            )
+        wanted = [template.names[i] for i in template.spec.anchored]
+        check_names(wanted, anchors, "the saved anchors")
+        saved = {**saved, **{f"anchor of {n}": anchors[n] for n in wanted}}
+        rows += [
+            (f"anchor of {n}", template.averages[len(template.names) + j])
+            for j, n in enumerate(wanted)
+        ]
     averages = []
-    for name, avg in zip(template.names, template.averages):
+    for name, avg in rows:
         leaves, treedef = jax.tree.flatten(avg)
         arrays = saved[name]
         if not isinstance(arrays, (list, tuple)):

@@ -20,7 +20,16 @@ import numpy as np
 from polyak.errors import NonFiniteError
 from polyak.jax._state import EMAState, find_state, index, is_averaged, leaf_paths
 
-__all__ = ["average", "check_handout", "leaf_flags", "raise_pending", "shown", "traced"]
+__all__ = [
+    "alpha",
+    "average",
+    "check_handout",
+    "corrected",
+    "leaf_flags",
+    "raise_pending",
+    "shown",
+    "traced",
+]
 
 
 def leaf_flags(leaves: list[Any], *, exact: bool = False) -> jax.Array:
@@ -107,8 +116,35 @@ def check_handout(state: EMAState, row: int, what: str, stacklevel: int = 3) -> 
         )
 
 
-def average(state: Any, name: str | None = None) -> Any:
+def alpha(state: EMAState, row: int) -> jax.Array:
+    """BEMA's correction weight of average ``row`` at its last update (traceable)."""
+    t = jnp.maximum(state.last_update_step - state.spec.start_step, 0)
+    return state.spec.twins[row].alpha(t)  # type: ignore[attr-defined]
+
+
+def corrected(state: EMAState, row: int, params: Any) -> Any:
+    """BEMA average ``row`` read with ``params``: ``ema + alpha (params - anchor)`` on every
+    floating leaf (traceable; the params' tree is checked against the average's)."""
+    from polyak.jax._update import matching_leaves
+
+    live = matching_leaves(state, params)
+    anchor = state.averages[len(state.names) + state.spec.anchored.index(row)]
+    a = alpha(state, row)
+    avg_leaves, treedef = jax.tree.flatten(state.averages[row])
+    out = [
+        e + a.astype(e.dtype) * (jnp.asarray(x).astype(e.dtype) - z) if is_averaged(e.dtype) else e
+        for e, x, z in zip(avg_leaves, live, jax.tree.leaves(anchor))
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def average(state: Any, name: str | None = None, params: Any = None) -> Any:
     """Average ``name`` (needed when several are kept), a pytree shaped like the params.
+
+    A BEMA average (:func:`polyak.averages.bema`) is read with the live ``params``:
+    ``ema + alpha_t (params - anchor)``, ``alpha_t`` of its last update (its correction depends
+    on the live weights, as ``polyak.EMA``'s reads do); the stored EMA part alone is
+    ``state.averages[row]``.
 
     Its floating leaves keep the average's dtype (float32 for bfloat16 params); cast them to
     evaluate in the params' dtype. No copy: JAX arrays are immutable. Called outside
@@ -118,8 +154,10 @@ def average(state: Any, name: str | None = None) -> Any:
     Args:
         state: an :class:`EMAState`, or an optax state holding one (:func:`ema_of_params`).
         name: which average; the names are ``state.names``.
+        params: the live params; needed by a BEMA average, ignored by the others.
 
     Raises:
+        TypeError: a BEMA average read without ``params``.
         KeyError: no average of that name.
         ValueError: several averages and no ``name``.
         polyak.NonFiniteError: ``nonfinite="raise"`` and an update inside ``jax.jit`` met
@@ -134,4 +172,11 @@ def average(state: Any, name: str | None = None) -> Any:
     state = find_state(state)
     row = index(state, name)
     check_handout(state, row, "average()")
+    if row in state.spec.anchored:
+        if params is None:
+            raise TypeError(
+                f"average {state.names[row]!r} is a BEMA average: pass params= (the live "
+                "params), its correction alpha (params - anchor) needs them"
+            )
+        return corrected(state, row, params)
     return state.averages[row]

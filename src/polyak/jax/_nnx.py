@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from polyak.jax._handout import check_handout
+from polyak.jax._handout import alpha, check_handout
 from polyak.jax._state import find_state, index
 
 __all__ = ["swapped"]
@@ -26,12 +26,13 @@ def _value(leaf: Any) -> Any:
     return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
-def _average_state(state: Any, name: str | None) -> Any:
+def _average_state(state: Any, name: str | None, row: int | None = None) -> Any:
     from flax import nnx
 
     state = find_state(state)
-    row = index(state, name)
-    check_handout(state, row, "swapped()", stacklevel=5)
+    if row is None:
+        row = index(state, name)
+        check_handout(state, row, "swapped()", stacklevel=5)
     avg = state.averages[row]
     if isinstance(avg, nnx.Module):
         return nnx.state(avg)
@@ -51,7 +52,8 @@ def swapped(model: Any, state: Any, name: str | None = None) -> Iterator[Any]:
     takes the average's value, cast to the variable's own dtype (a bfloat16 model evaluates in
     bfloat16, from the float32 average). On exit, also when the block raises, every one of them
     gets back the very array it held before, so the module comes back bit for bit. Variables
-    the average does not cover are left alone.
+    the average does not cover are left alone. A BEMA average (:func:`polyak.averages.bema`)
+    holds ``ema + alpha (live - anchor)``, with the module's own values as the live weights.
 
     Training inside the block would train the average's copy and be undone on exit: evaluate
     only.
@@ -89,6 +91,13 @@ def swapped(model: Any, state: Any, name: str | None = None) -> Iterator[Any]:
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     live = dict(_flat(nnx.state(model)))
     missing, staged = [], []
+    ema = find_state(state)
+    row = index(ema, name)
+    anchors: dict[Any, Any] = {}
+    if row in ema.spec.anchored:  # BEMA: the correction from the module's own values
+        at = len(ema.names) + ema.spec.anchored.index(row)
+        anchors = dict(_flat(_average_state(ema, None, at)))
+        weight = alpha(ema, row)
     for path, leaf in _flat(_average_state(state, name)):
         target = live.get(path)
         if not isinstance(target, nnx.Variable):
@@ -101,6 +110,9 @@ def swapped(model: Any, state: Any, name: str | None = None) -> Iterator[Any]:
                 f"average has {jnp.shape(new)}"
             )
         new = jnp.asarray(new)
+        if path in anchors and jnp.issubdtype(new.dtype, jnp.inexact):
+            anchor = jnp.asarray(_value(anchors[path]))
+            new = new + weight.astype(new.dtype) * (jnp.asarray(old).astype(new.dtype) - anchor)
         staged.append((target, old, new if new.dtype == old.dtype else new.astype(old.dtype)))
     if missing:
         raise ValueError(f"the module has no variable at {missing}, which the average holds")

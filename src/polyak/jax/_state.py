@@ -56,6 +56,8 @@ class Spec:
     nonfinite: str
     # The schedules themselves (own copies) are kept for export only: the twins decide.
     schedules: tuple[Schedule, ...] = field(compare=False, repr=False)
+    #: rows of the BEMA averages; their anchors are the averages after the K named ones
+    anchored: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, timeline: Timeline, nonfinite: str) -> Spec:
@@ -68,6 +70,7 @@ class Spec:
             timeline.start_step,
             check_mode(nonfinite),
             schedules,
+            timeline.anchored,
         )
 
     def timeline(self) -> Timeline:
@@ -83,7 +86,8 @@ class EMAState:
     Attributes:
         averages: one pytree per average, shaped like the params given to :func:`init`:
             floating leaves hold the average (float32 at least), other leaves (integers,
-            booleans, PRNG keys) the latest copy.
+            booleans, PRNG keys) the latest copy; then one anchor per BEMA average
+            (:func:`polyak.averages.bema`), in the order of ``spec.anchored``.
         step: optimizer steps counted so far (int32 scalar array).
         last_update_step: the step of the last update that changed the averages.
         num_updates: how many updates changed the averages.
@@ -236,7 +240,8 @@ def init(
     if not pairs:
         raise ValueError(f"params holds no arrays to average (tree {treedef})")
     averages = tuple(
-        jax.tree.unflatten(treedef, [_start(x, path) for path, x in pairs]) for _ in spec.names
+        jax.tree.unflatten(treedef, [_start(x, path) for path, x in pairs])
+        for _ in range(len(spec.names) + len(spec.anchored))  # the averages, then BEMA anchors
     )
     nan = jnp.full((len(spec.names),), jnp.nan, jnp.result_type(float))
     # separate arrays, not one shared: a donated state must not hold a buffer twice

@@ -110,20 +110,28 @@ def _plan(spec: Spec, state: EMAState, steps: jax.Array) -> tuple[Any, ...]:
     copying = relative <= 0  # at or before start_step: copy the params
     decays = jnp.where(copying, 0.0, jnp.stack([d for d, _ in pairs]))
     weights = jnp.where(copying, 1.0, jnp.stack([w for _, w in pairs]))
-    return t, due, decays, weights
+    anchors = [copying | spec.twins[i].anchor_due(t_rel, dt) for i in spec.anchored]  # type: ignore[attr-defined]
+    return t, due, decays, weights, anchors
 
 
 @jax.jit
 def _update(state: EMAState, leaves: list[Any], steps: Any) -> EMAState:
     spec = state.spec
-    t, due, decays, weights = _plan(spec, state, jnp.asarray(steps, jnp.int32))
+    t, due, decays, weights, anchors = _plan(spec, state, jnp.asarray(steps, jnp.int32))
     clean = jnp.zeros(state.nonfinite_leaves.shape, bool)
 
     def moved(keep: jax.Array | None = None) -> tuple[Any, ...]:
         out = []
         for k, avg in enumerate(state.averages):
             avg_leaves, treedef = jax.tree.flatten(avg)
-            new = [_lerp(a, x, weights[k]) for a, x in zip(avg_leaves, leaves)]
+            if k >= len(spec.names):  # a BEMA anchor: the params where due, else as it was
+                take = anchors[k - len(spec.names)]
+                new = [
+                    jnp.where(take, jnp.asarray(x).astype(a.dtype), a)
+                    for a, x in zip(avg_leaves, leaves)
+                ]
+            else:
+                new = [_lerp(a, x, weights[k]) for a, x in zip(avg_leaves, leaves)]
             if keep is not None:
                 new = [jnp.where(keep, a, n) for a, n in zip(avg_leaves, new)]
             out.append(jax.tree.unflatten(treedef, new))

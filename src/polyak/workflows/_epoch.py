@@ -44,6 +44,7 @@ def train_epoch(
     dev: torch.device | None,
     bar: Progress,
     check_loss: bool = False,
+    after_step: Callable[[], Any] | None = None,
 ) -> tuple[float, int | None]:
     """One pass over ``loader``: the size-weighted mean training loss, and with ``check_loss``
     the 1-based index of the batch whose loss was not finite (the pass stopped there, before
@@ -70,18 +71,25 @@ def train_epoch(
             group_rows += n
         micro += 1
         if micro == k:
-            _step(optimizer, ema, scheduler, None if k == 1 or summed else group_rows)
+            _step(optimizer, ema, scheduler, None if k == 1 or summed else group_rows, after_step)
             micro, group_rows = 0, 0
         bar.update()
     if micro:
-        _step(optimizer, ema, scheduler, None if summed else group_rows)
+        _step(optimizer, ema, scheduler, None if summed else group_rows, after_step)
     if seen == 0:
         raise ValueError("train_loader yielded no sample")
     return float(total) / seen, None
 
 
-def _step(optimizer: torch.optim.Optimizer, ema: EMA, scheduler: Any, rows: int | None) -> None:
-    """Optimizer step (gradients divided by ``rows`` first, if given), then the average."""
+def _step(
+    optimizer: torch.optim.Optimizer,
+    ema: EMA,
+    scheduler: Any,
+    rows: int | None,
+    after_step: Callable[[], Any] | None = None,
+) -> None:
+    """Optimizer step (gradients divided by ``rows`` first, if given), then the average (and
+    ``after_step``, e.g. a write-back)."""
     if rows:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         dense = [g for g in grads if not g.is_sparse]
@@ -93,6 +101,8 @@ def _step(optimizer: torch.optim.Optimizer, ema: EMA, scheduler: Any, rows: int 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema.update()
+    if after_step is not None:
+        after_step()
     if scheduler is not None:
         scheduler.step()
 

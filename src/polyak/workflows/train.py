@@ -29,6 +29,7 @@ from polyak.workflows.bn import recompute_bn as _recompute_bn
 from polyak.workflows.early_stopping import EarlyStopping
 from polyak.workflows.evaluate import Metric, check_metrics
 from polyak.workflows.progress import Progress
+from polyak.workflows.write_back import WriteBack
 
 __all__ = ["train_with_ema"]
 
@@ -65,6 +66,7 @@ def train_with_ema(
     progress: bool | None = None,
     forward: Forward | None = None,
     nonfinite_loss: Literal["stop", "raise", "continue"] = "stop",
+    write_back: WriteBack | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model`` with its live weights, keep averages of them, evaluate both every epoch.
 
@@ -131,6 +133,9 @@ def train_with_ema(
             the averages are those of the last optimizer step, all finite; ``"raise"`` raises
             :class:`polyak.NonFiniteError` with the same weights; ``"continue"`` trains on
             (the old behaviour: one inf/nan step makes every later weight inf/nan).
+        write_back: a :class:`polyak.workflows.WriteBack`: copy an average into the model at
+            its steps (right after that step's update) or epoch ends (after that epoch's
+            evaluation), restarting the averages if it says so (Switch EMA, PMA).
 
     Returns:
         The history, ``{key: [one value per epoch]}``. With several averages every
@@ -204,6 +209,12 @@ def train_with_ema(
         raise ValueError(
             "final_weights='best' needs early_stopping=EarlyStopping(..., keep_weights=True)"
         )
+    if write_back is not None:
+        if not isinstance(write_back, WriteBack):
+            raise TypeError(
+                f"write_back must be a polyak.workflows.WriteBack, got {type(write_back).__name__}"
+            )
+        write_back.check(ema)
     monitors = ["val_loss", *(f"val_{m}" for m in fns)]
     if early_stopping is not None and early_stopping.monitor not in monitors:
         raise ValueError(
@@ -233,11 +244,18 @@ def train_with_ema(
     per_step = scheduler if scheduler_interval == "step" and not plateau else None
     flags = [(m, m.training) for m in model.modules()]
     optimizer.zero_grad(set_to_none=True)
+    after_step = None
+    if write_back is not None and write_back.unit == "steps":
+        wb, trained = write_back, ema
+
+        def after_step() -> None:
+            wb.apply(trained, model, trained.step, "steps")
+
     for epoch in range(1, epochs + 1):
         bar = Progress(length(train_loader), f"epoch {epoch}/{epochs}", progress)
         train_loss, bad_batch = train_epoch(
             model, train_loader, optimizer, criterion, ema, accumulation_steps, per_step,
-            forward, dev, bar, nonfinite_loss != "continue",
+            forward, dev, bar, nonfinite_loss != "continue", after_step,
         )  # fmt: skip
         if bad_batch is not None:
             where = (
@@ -278,6 +296,8 @@ def train_with_ema(
                 for k, v in scores.items():
                     history[f"val_{k}_{label}"].append(v)
         bar.close(_summary(epoch, epochs, history, labels))
+        if write_back is not None and bad_batch is None:
+            write_back.apply(ema, model, epoch, "epochs")
         if isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step(history["val_loss"][-1])
         elif scheduler is not None and scheduler_interval == "epoch":

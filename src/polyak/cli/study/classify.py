@@ -8,7 +8,8 @@ the training inputs (Morales-Brotons et al. 2024 report both), and the share of 
 training labels each model reproduces (memorisation). Final validation accuracy and NLL are
 recorded for every model too: the study picks its "best" average on them, never on the test set.
 With ``posthoc`` set, a run also keeps a :class:`polyak.PostHocEMA` and sweeps ``sigma_rel``
-after training (:mod:`polyak.cli.study.posthoc_sweep`), after everything above is recorded.
+after training (:mod:`polyak.cli.study.posthoc_sweep`), after everything above is recorded; with
+``methods`` set, BEMA averages and a SWAG (:mod:`polyak.cli.study.methods`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import polyak
 from polyak import metrics, schedules
 from polyak.cli.study.config import StudyConfig, TrainingDiverged
 from polyak.cli.study.data import Dataset
+from polyak.cli.study.methods import Methods
 from polyak.cli.study.models import make_model
 from polyak.cli.study.posthoc_sweep import Sweep
 from polyak.workflows import recompute_bn
@@ -136,6 +138,7 @@ def _train(
     )
     ema = polyak.EMA(model, average_schedules(cfg))
     sweep = None if store is None else Sweep(model, store, steps_per_epoch)
+    methods = Methods(model, steps_per_epoch, total) if cfg.methods else None
     names = [LIVE, *ema.names]
     gen = torch.Generator().manual_seed(10_000 + seed)
     curves: dict[str, dict[str, list[float]]] = {
@@ -163,6 +166,8 @@ def _train(
             ema.update()
             if sweep is not None:
                 sweep.update()
+            if methods is not None:
+                methods.update()
             total_loss += value * len(idx)
         train_loss.append(total_loss / len(split.x_train))
 
@@ -177,6 +182,8 @@ def _train(
             )
 
         evaluate_all(record)
+        if methods is not None:
+            methods.epoch_end(model, ema)
         if tick is not None:
             tick(1)
 
@@ -209,7 +216,7 @@ def _train(
             record_final(f"{name} +bn", model)
         for k, v in saved.items():  # give the average its EMAN statistics back
             averaged[k].copy_(v)
-    out = {
+    out: dict[str, Any] = {
         "seed": seed,
         "train_loss": train_loss,
         "curves": curves,
@@ -217,6 +224,10 @@ def _train(
         "predictions": predictions,
         "probabilities": probabilities,
     }
+    if methods is not None:
+        out["methods"] = methods.finish(
+            model, split, batches, _predict, lambda p, y: _scores(p, y, cfg.ece_bins)
+        )  # after everything above: the draws and BN recomputations change nothing recorded
     if sweep is not None:
 
         def score(m: nn.Module) -> dict[str, float]:

@@ -48,7 +48,7 @@ _RUL = {"epochs": 60, "seeds": 5, "batch_size": 256, "lr": 1e-3, "val_fraction":
 _RUL_QUICK = {"epochs": 8, "seeds": 2, "patience": 3}
 _NOT_RUL = ("dataset", "train_size", "test_size", "model", "noise", "momentum", "weight_decay",
             "decays", "average", "ece_bins", "regression", "regression_splits",
-            "posthoc", "merge")  # fmt: skip
+            "posthoc", "methods", "merge")  # fmt: skip
 _ONLY_RUL = ("subset", "patience")
 
 
@@ -129,6 +129,12 @@ class StudyConfig:
         metadata={"help": "also keep EDM2's post-hoc EMA in each classification run (power "
                   "averages of sigma_rel 0.05, 0.10 and 0.20, a snapshot every half epoch) and, "
                   "after training, sweep sigma_rel 0.01-0.28 by reconstruction"},
+    )  # fmt: skip
+    methods: bool = field(
+        default=True,
+        metadata={"help": "also compare BEMA, SWAG (K=10, 8 draws) and write-back (Switch EMA, "
+                  "PMA-style restarts; runs of their own) with the plain EMA, each chosen on "
+                  "the validation split"},
     )  # fmt: skip
     merge: bool = field(
         default=True,

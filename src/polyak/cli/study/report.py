@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.cli.study.merge_report import merge_findings, merge_section
+from polyak.cli.study.methods_report import methods_findings, methods_section
 from polyak.cli.study.plots import POSTHOC_PNG
 from polyak.cli.study.posthoc_report import posthoc_findings, posthoc_section
 
@@ -83,6 +84,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"{v['agreement_gain'] * 100:+.1f} points."
         )
     lines += posthoc_findings(results)
+    lines += methods_findings(results)
     lines += merge_findings(results)
     reg = results.get("regression")
     if reg:
@@ -240,6 +242,7 @@ def write_report(results: dict[str, Any], plots: list[str], out: Path) -> Path:
         format_table(results["classification"]["summary"], markdown=True),
         *(f"![{p}]({p})\n" for p in plots if p != POSTHOC_PNG),
         *posthoc_section(results),
+        *methods_section(results),
         *merge_section(results),
         "## Caveats",
         "",

@@ -32,6 +32,8 @@ from polyak.cli.study.cmapss import load_cmapss
 from polyak.cli.study.config import StudyConfig
 from polyak.cli.study.data import Dataset, resolve_dataset
 from polyak.cli.study.merge_decay import merge_run, summarise_merge
+from polyak.cli.study.methods import WRITE_BACKS, train_write_back
+from polyak.cli.study.methods_report import summarise_methods
 from polyak.cli.study.plots import write_plots
 from polyak.cli.study.posthoc_sweep import summarise_posthoc
 from polyak.cli.study.regression import SETTINGS, regression_case, summarise_regression
@@ -124,6 +126,9 @@ def _job(job: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, float]:
     if job[0] == "cls":
         _, noise, seed = job
         result: Any = train_run(cfg, _SHARED["splits"][noise], seed)
+    elif job[0] == "wb":
+        _, noise, seed, variant = job
+        result = train_write_back(cfg, _SHARED["splits"][noise], seed, variant)
     elif job[0] == "merge":
         result = merge_run(cfg, _SHARED["splits"][min(cfg.noise)], job[1])
     elif job[0] == "rul":
@@ -178,13 +183,16 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
     jobs: list[tuple[Any, ...]] = [("cls", n, seed) for n in cfg.noise for seed in seeds]
     if cfg.regression:
         jobs += [("reg", name, i) for name in SETTINGS for i in reg_splits]
+    if cfg.methods:
+        jobs += [("wb", n, seed, v) for n in cfg.noise for seed in seeds for v in WRITE_BACKS]
     if cfg.merge:
         jobs += [("merge", seed) for seed in seeds]
     _SHARED.update(cfg=cfg, splits=splits)
     done: dict[tuple[Any, ...], Any] = {}
     for job, result, seconds in _execute(jobs, cfg.workers):
         done[job] = result
-        progress.update(1 if job[0] == "reg" else cfg.epochs)
+        # write-back runs ("wb") are not in the progress total
+        progress.update({"reg": 1, "wb": 0}.get(job[0], cfg.epochs))
         if cfg.progress and not tty and job[0] == "cls":
             acc = {m: f"{s['acc']:.3f}" for m, s in result["final"].items() if "+bn" not in m}
             print(f"noise {job[1]:.0%} seed {job[2]}: {seconds:.1f}s, final test accuracy {acc}",
@@ -219,6 +227,9 @@ def run_study(config: StudyConfig | StudyPlan) -> dict[str, Any]:
         "regression": regression,
         "posthoc": {n: summarise_posthoc(r, summary[n]["models"][LIVE]) for n, r in runs.items()}
         if cfg.posthoc else None,
+        "methods": {n: summarise_methods(r, [v for k, v in done.items() if k[0] == "wb"
+                                             and str(k[1]) == n], summary[n])
+                    for n, r in runs.items()} if cfg.methods else None,
         "merge": {"noise": min(cfg.noise), **summarise_merge([done[("merge", s)] for s in seeds]),
                   "runs": [done[("merge", s)] for s in seeds]} if cfg.merge else None,
     }  # fmt: skip

@@ -30,7 +30,7 @@ from polyak import metrics, schedules
 from polyak.cli.study.config import StudyConfig, TrainingDiverged
 from polyak.cli.study.data import Dataset
 from polyak.cli.study.methods import Methods
-from polyak.cli.study.models import make_model
+from polyak.cli.study.models import cosine_lr, seeded_sgd
 from polyak.cli.study.posthoc_sweep import Sweep
 from polyak.workflows import recompute_bn
 
@@ -125,17 +125,8 @@ def _train(
     tick: Callable[[int], None] | None,
     store: Path | None,
 ) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = make_model(cfg.model, split.x_train.shape[1], split.num_classes)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-        weight_decay=cfg.weight_decay,
-    )  # fmt: skip
-    steps_per_epoch = math.ceil(len(split.x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    lr_at = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    model, opt, steps_per_epoch, total = seeded_sgd(cfg, split, seed)
+    lr_at = cosine_lr(opt, total)
     ema = polyak.EMA(model, average_schedules(cfg))
     sweep = None if store is None else Sweep(model, store, steps_per_epoch)
     methods = Methods(model, steps_per_epoch, total) if cfg.methods else None

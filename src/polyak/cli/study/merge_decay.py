@@ -30,7 +30,7 @@ from torch import nn
 
 import polyak
 from polyak.cli.study.config import StudyConfig, TrainingDiverged
-from polyak.cli.study.models import make_model
+from polyak.cli.study.models import seeded_sgd
 
 __all__ = ["DECAY_SHARE", "EMA_DECAYS", "merge_run", "summarise_merge"]
 
@@ -63,12 +63,7 @@ def _evaluate(model: nn.Module, split: Any) -> dict[str, float]:
 def merge_run(cfg: StudyConfig, split: Any, seed: int) -> dict[str, Any]:
     """One seed: the forked runs, the merges of the constant branch, every candidate's scores."""
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = make_model(cfg.model, split.x_train.shape[1], split.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
-    per_epoch = math.ceil(len(split.x_train) / cfg.batch_size)
-    total = cfg.epochs * per_epoch
+    model, opt, per_epoch, total = seeded_sgd(cfg, split, seed)
     window = max(1, round(DECAY_SHARE * total))
     n = total - window
     every = max(1, round(SPACING * window))

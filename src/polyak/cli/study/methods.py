@@ -23,7 +23,7 @@ from torch import nn
 import polyak
 from polyak import schedules
 from polyak.averages import bema
-from polyak.cli.study.models import make_model
+from polyak.cli.study.models import cosine_lr, seeded_sgd
 from polyak.workflows import WriteBack, recompute_bn
 
 __all__ = ["BEMAS", "SAMPLES", "SCALES", "WRITE_BACKS", "Methods", "train_write_back"]
@@ -133,17 +133,8 @@ def train_write_back(cfg: Any, split: Any, seed: int, variant: str) -> dict[str,
     def score(p: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         return _scores(p, y, cfg.ece_bins)
 
-    torch.manual_seed(seed)
-    model = make_model(cfg.model, split.x_train.shape[1], split.num_classes)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-        weight_decay=cfg.weight_decay,
-    )  # fmt: skip
-    steps_per_epoch = math.ceil(len(split.x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    lr_at = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    model, opt, _, total = seeded_sgd(cfg, split, seed)
+    lr_at = cosine_lr(opt, total)
     if variant == "switch ema 0.99":
         ema = polyak.EMA(model, schedules.debiased(0.99))
         wb = WriteBack(every=1, unit="epochs")

@@ -142,16 +142,6 @@ def make_checkpoints(work: Path, n: int, quick: bool) -> tuple[list[Path], dict[
     return paths, {"parameters": numel, "largest_tensor_bytes": largest, "tensors": len(shapes)}
 
 
-def _evict(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True,
                           text=True, env=env)  # fmt: skip
@@ -231,7 +221,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
-    from polyak.cli.common import load, machine, result_stem, versions, write_result
+    from polyak.cli.common import (
+        evict_page_cache,
+        load,
+        machine,
+        result_stem,
+        versions,
+        write_result,
+    )
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -245,7 +242,7 @@ def main() -> None:
         for cache in ("warm", "cold"):
             for what in ("read", "polyak", "peer"):
                 if cache == "cold":
-                    _evict(files8)
+                    evict_page_cache(files8)
                 else:
                     runner.read(files8)  # warm the cache
                 result = runner.read(files8) if what == "read" else getattr(runner, what)(

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.cli.bench.report import machine, versions
+from polyak.cli.common import evict_page_cache, machine, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = [0.05, 0.08, 0.12, 0.2]  # within the stored widths (narrower ones warn in float16)
@@ -61,16 +61,6 @@ def gpt_like(params: float) -> nn.Module:
     per_block = sum(p.numel() for p in block().parameters())
     blocks = max(1, round((params - vocab * width) / per_block))
     return nn.ModuleList([nn.Embedding(vocab, width), *[block() for _ in range(blocks)]])
-
-
-def _evict(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _cpu() -> float:
@@ -160,12 +150,12 @@ def run(args: argparse.Namespace) -> dict:
     for rep in range(args.repeats):
         for cache in ("cold", "hot"):
             if cache == "cold":
-                _evict(files)
+                evict_page_cache(files)
             else:
                 _read_all(files)  # warm
             read, read_cpu = _read_all(files)
             if cache == "cold":
-                _evict(files)
+                evict_page_cache(files)
             else:
                 _read_all(files)
             rec = _reconstruct(tmp / "store", args.threads)

@@ -120,3 +120,15 @@ def write_result(
             staged.stage(out[1]).write_text(markdown)
         staged.commit()
     return out
+
+
+def evict_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Write ``paths`` to disk and drop them from the page cache, so that the next read of
+    them comes from the disk (a cold-cache measurement; Linux ``posix_fadvise``)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

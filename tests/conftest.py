@@ -15,8 +15,13 @@ def _missing(path: Path) -> tuple[str, ...]:
     """The packages ``path`` imports at its top level (directly or through the tests' own helper
     modules) that are not installed: such a file is not collected, and the header says so. The
     oldest-versions CI job installs only what the package requires."""
+    return _missing_in(path.read_text())
+
+
+def _missing_in(source: str) -> tuple[str, ...]:
+    """What :func:`_missing` finds in Python ``source`` (also the code of a docs page)."""
     out: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(source).body:
         if isinstance(node, ast.Import):
             roots = [a.name.split(".")[0] for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:

@@ -32,14 +32,7 @@ def _written_like(figure: str, value: float) -> bool:
 
 
 def _in_line(figure: str, line: str) -> bool:
-    for token in NUMBER.findall(line):
-        try:
-            value = float(token.replace(",", ""))
-        except ValueError:
-            continue
-        if _written_like(figure, value):
-            return True
-    return False
+    return any(_written_like(figure, float(t.replace(",", ""))) for t in NUMBER.findall(line))
 
 
 CASES = [(page, *fig) for page in PAGES for fig in _figures(page)]

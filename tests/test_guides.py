@@ -13,9 +13,7 @@ group and set DeepSpeed's environment variables, which no other test may inherit
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import importlib.util
 import io
 import os
 import re
@@ -24,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import _missing_in
 
 ROOT = Path(__file__).resolve().parents[1]
 INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
@@ -44,38 +44,29 @@ def _pages():
         yield pytest.param(page, id=_name(page), marks=marks)
 
 
-def _blocks(page: Path) -> tuple[list[str], list[str]]:
-    code, included = [], []
-    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
-        lines = block.strip().splitlines()
-        if len(lines) == 1 and INCLUDE.match(lines[0]):
-            included.append(INCLUDE.match(lines[0]).group(1))  # type: ignore[union-attr]
-        else:
-            code.append(block)
-    return code, included
-
-
-def _imports(code: list[str]) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse("\n".join(code))):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
-    return names
+def _blocks(page: Path) -> list[tuple[str, str]]:
+    """The page's python and text blocks in order; a python block that only includes an example
+    is ``("include", path)``."""
+    out = []
+    for kind, block in BLOCK.findall(page.read_text()):
+        include = INCLUDE.match(block.strip()) if kind == "python" else None
+        out.append(("include", include.group(1)) if include else (kind, block))
+    return out
 
 
 def test_the_pages_with_code_are_found():
-    names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
+    names = {_name(p) for p in PAGES}
     assert {"guides/quickstart.md", "guides/posthoc.md", "guides/numpy.md"} <= names
 
 
 @pytest.mark.parametrize("page", list(_pages()))
 def test_docs_code_runs(page, tmp_path, monkeypatch):
-    code, included = _blocks(page)
-    for path in included:
-        assert path.startswith("examples/") and (ROOT / path).is_file(), path
-    missing = sorted(name for name in _imports(code) if importlib.util.find_spec(name) is None)
+    blocks = _blocks(page)
+    for kind, path in blocks:
+        if kind == "include":
+            assert path.startswith("examples/") and (ROOT / path).is_file(), path
+    code = [block for kind, block in blocks if kind == "python"]
+    missing = _missing_in("\n".join(code))
     if missing:  # the oldest-versions job installs only what polyak requires
         pytest.skip(f"{', '.join(missing)} not installed")
     if _name(page) in OWN_PROCESS:
@@ -89,8 +80,8 @@ def test_docs_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__guide__"}
     printed = None  # what the python block just run printed, until the next block
-    for i, (kind, block) in enumerate(BLOCK.findall(page.read_text())):
-        if kind == "python" and block in code:
+    for i, (kind, block) in enumerate(blocks):
+        if kind == "python":
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 exec(compile(block, f"{page.name} block {i + 1}", "exec"), namespace)

@@ -38,6 +38,21 @@ class Walk:
                 t.add_(1)
 
 
+def walked_store(directory):
+    """A float32 post-hoc store of :func:`small_model` after 100 steps of :class:`Walk`, a
+    snapshot every 10 steps; ``directory`` is returned."""
+    import polyak
+
+    model = small_model()
+    ph = polyak.PostHocEMA(model, directory, snapshot_every=10, snapshot_dtype=torch.float32)
+    walk = Walk(model)
+    for _ in range(100):
+        walk.step()
+        ph.update()
+    ph.close()
+    return directory
+
+
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """All floating tensors of a state dict, in name order, as one float64 vector."""
     return torch.cat(

@@ -174,17 +174,9 @@ def test_a_failed_write_is_one_line(run_dir, capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from posthoc_helpers import Walk, small_model
+    from posthoc_helpers import walked_store
 
-    directory = tmp_path_factory.mktemp("store")
-    model = small_model()
-    ph = polyak.PostHocEMA(model, directory, snapshot_every=10, snapshot_dtype=torch.float32)
-    walk = Walk(model)
-    for _ in range(100):
-        walk.step()
-        ph.update()
-    ph.close()
-    return directory
+    return walked_store(tmp_path_factory.mktemp("store"))
 
 
 def test_posthoc_score_reports_the_best_target(store, tmp_path, capsys):

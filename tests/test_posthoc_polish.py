@@ -11,20 +11,12 @@ import pytest
 import torch
 
 import polyak
-from posthoc_helpers import Walk, small_model
+from posthoc_helpers import Walk, small_model, walked_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("store")
-    model = small_model()
-    ph = polyak.PostHocEMA(model, directory, snapshot_every=10, snapshot_dtype=torch.float32)
-    walk = Walk(model)
-    for _ in range(100):
-        walk.step()
-        ph.update()
-    ph.close()
-    return directory
+    return walked_store(tmp_path_factory.mktemp("store"))
 
 
 def _line() -> int:

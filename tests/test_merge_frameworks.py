@@ -62,20 +62,13 @@ def test_hf_trainer_checkpoints_merge_and_load_with_from_pretrained(tmp_path):
 
 
 def test_save_pretrained_shards_merge_into_shards_from_pretrained_reads(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    from finetune_helpers import tiny_llama
+
     models = []
     for i in range(3):
-        torch.manual_seed(i)
-        models.append(LlamaForCausalLM(config))
+        models.append(tiny_llama(i, vocab_size=100))
         models[-1].save_pretrained(tmp_path / f"m{i}", max_shard_size="20KB")
     assert (tmp_path / "m0" / "model.safetensors.index.json").exists()
     polyak.merge.merge([tmp_path / f"m{i}" for i in range(3)], [1, 1, 1], tmp_path / "out",
